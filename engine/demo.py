@@ -1,0 +1,125 @@
+"""The embedded demo model: a tiny Llama with random weights and a locally trained byte-level BPE tokenizer.
+
+Built once into a cache directory with the real `save_pretrained` formats (config.json, safetensors,
+tokenizer.json with a chat template), so every command works offline, with no GPU, through the same
+loading code a real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEMO_VERSION = "1"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A few lines of text the tokenizer learns its merges from; content matters little, determinism a lot.
+_CORPUS = """\
+kvpilot runs large language models on Kubernetes and tunes the engine against latency targets.
+The scheduler batches requests continuously, splits long prompts into chunks, and shares cached prefixes.
+Each sequence owns a table of blocks in the paged key value cache; blocks are counted and freed exactly once.
+When memory runs out the newest sequence is preempted and recomputed later, with the same output.
+The operator deploys a candidate revision, verifies it, and switches traffic only when it serves well.
+Time to first token and inter token latency are measured at the edges and exported to Prometheus.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+def generate(prompt, max_tokens=16): return engine.step() while not finished
+{"role": "user", "content": "What is the capital of France?"} The answer is Paris.
+0 1 2 3 4 5 6 7 8 9 10 100 1000 2048 4096 8192 tokens per second, milliseconds, p95, p99.
+"""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVPILOT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvpilot"
+    )
+    return Path(root) / f"demo-model-v{DEMO_VERSION}"
+
+
+def _build_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
+def _build_model(out: Path, vocab_size: int, eos_id: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        initializer_range=0.2,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+
+
+def ensure_demo_model() -> Path:
+    """Return the demo model directory, building it atomically on first use."""
+    target = cache_dir()
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building the demo model into %s (once)", target)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
+    try:
+        _build_tokenizer(tmp)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        _build_model(tmp, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process built it first: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(model: str) -> Path:
+    """'demo' means the embedded model; anything else must be an existing directory."""
+    if model == "demo":
+        return ensure_demo_model()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model path {model!r} does not exist or is not a directory")
+    return path

@@ -1,0 +1,288 @@
+"""The engine core: one `step()` = schedule -> run the model -> sample -> update requests -> outputs.
+
+Everything here is synchronous and single-threaded; the offline `LLM` loops over `step()`, and the
+`AsyncEngine` drives it from a background loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from kvpilot.engine.config import EngineConfig, SamplingParams
+from kvpilot.engine.demo import resolve_model_path
+from kvpilot.engine.detokenizer import IncrementalDetokenizer, find_stop
+from kvpilot.engine.errors import RequestRejected
+from kvpilot.engine.kv_cache import KVCacheManager
+from kvpilot.engine.model_runner import ModelRunner
+from kvpilot.engine.models.arch import ModelArch, load_arch
+from kvpilot.engine.models.loader import load_model
+from kvpilot.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvpilot.engine.request import Request, SeqStatus, Sequence
+from kvpilot.engine.sampler import Sampler
+from kvpilot.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_hits: int
+    prefix_cache_queries: int
+    num_preemptions: int
+
+
+def _resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def _resolve_dtype(config: EngineConfig, arch: ModelArch, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if device.type == "cpu":
+        return torch.float32  # CPU matmuls in half precision are slow and rarely what a test wants
+    dtype = _DTYPES.get(arch.torch_dtype, torch.bfloat16)
+    return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
+def _eos_ids(model_dir: Path, arch: ModelArch, tokenizer: object | None) -> tuple[int, ...]:
+    ids = set(arch.eos_token_ids)
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    eos_tok = getattr(tokenizer, "eos_token_id", None)
+    if eos_tok is not None:
+        ids.add(eos_tok)
+    return tuple(sorted(ids))
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        if config.tensor_parallel_size != 1:
+            raise ValueError(
+                "tensor_parallel_size: only 1 is implemented so far (multi-GPU sharding is issue 8)"
+            )
+        self.model_dir = resolve_model_path(config.model)
+        arch = load_arch(self.model_dir)
+        max_len = config.max_model_len or arch.max_position_embeddings
+        if max_len > arch.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({max_len}) exceeds the model's max_position_embeddings "
+                f"({arch.max_position_embeddings})"
+            )
+        if arch.sliding_window and max_len > arch.sliding_window:
+            log.warning("sliding window %d is not implemented: capping max_model_len to it", arch.sliding_window)
+            max_len = arch.sliding_window
+        self.config = config.model_copy(update={"max_model_len": max_len})
+        self.arch = arch
+        self.tokenizer = self._load_tokenizer()
+        device = _resolve_device(config)
+        torch.manual_seed(config.seed)
+        model = load_model(
+            self.model_dir,
+            arch,
+            dtype=_resolve_dtype(config, arch, device),
+            device=device,
+            load_format=config.load_format,
+            max_positions=max_len,
+            seed=config.seed,
+        )
+        self.runner = ModelRunner(self.config, model, arch, max_len)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.kv)
+        self.eos_token_ids = _eos_ids(self.model_dir, arch, self.tokenizer)
+        self.sampler = Sampler(self.eos_token_ids, device, config.seed)
+        self.requests: dict[str, Request] = {}
+        self.detoks: dict[int, IncrementalDetokenizer] = {}
+
+    def _load_tokenizer(self) -> object | None:
+        if not any((self.model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            log.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", self.model_dir)
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestRejected("this model has no tokenizer: send token ids", param="prompt")
+            return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]
+        return list(prompt)
+
+    def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Reject at once what could never be served: over max_model_len or over the whole KV pool."""
+        max_len = self.config.max_model_len or 0
+        if num_prompt_tokens == 0:
+            raise RequestRejected("prompt is empty: send at least one token", param="prompt")
+        total = num_prompt_tokens + params.max_tokens
+        if total > max_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {max_len} tokens, but the request asks for "
+                f"{total} ({num_prompt_tokens} in the prompt + {params.max_tokens} max_tokens)",
+                param="max_tokens",
+            )
+        need = self.kv.blocks_for(total - 1)
+        if need > self.kv.num_blocks:
+            raise RequestRejected(
+                f"the request needs {need} KV blocks ({total} tokens) but the whole pool holds "
+                f"{self.kv.num_blocks}: shorten the prompt or max_tokens",
+                param="max_tokens",
+            )
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        token_ids = self.tokenize(prompt)
+        vocab = self.arch.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise RequestRejected(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        self.check_fits(len(token_ids), params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise RequestRejected(f"request id {request_id!r} is already running", param="request_id")
+        request = Request(
+            request_id,
+            prompt if isinstance(prompt, str) else None,
+            token_ids,
+            params,
+            RequestMetrics(arrival_time=arrival_time or time.monotonic()),
+        )
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seq = Sequence(request, i, list(token_ids), len(token_ids), generator=gen)
+            request.seqs.append(seq)
+            if self.tokenizer is not None:
+                self.detoks[seq.seq_id] = IncrementalDetokenizer(
+                    self.tokenizer, token_ids, params.skip_special_tokens
+                )
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.finished:
+                self._finish(seq, "abort")
+        return self._pop_output(request)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_total_blocks=self.kv.num_blocks,
+            prefix_cache_hits=self.kv.prefix_hits,
+            prefix_cache_queries=self.kv.prefix_queries,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        result = self.runner.execute(sched.scheduled)
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+            self.kv.cache_full_blocks(seq)
+        tokens, logprobs = self.sampler(result.logits, result.sampled) if result.sampled else ([], [])
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, token, logprob in zip(result.sampled, tokens, logprobs, strict=True):
+            self._append(seq, token, logprob)
+            metrics = seq.request.metrics
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.last_token_time = now
+            touched[seq.request.request_id] = seq.request
+        return [self._pop_output(r) if r.finished else self._output(r) for r in touched.values()]
+
+    def _append(self, seq: Sequence, token: int, logprob: object) -> None:
+        seq.token_ids.append(token)
+        seq.new_tokens += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)  # type: ignore[arg-type]
+        p = seq.params
+        detok = self.detoks.get(seq.seq_id)
+        new_text = detok.add([token]) if detok is not None else ""
+        seq.text += new_text
+        if not p.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, "stop")
+        elif token in p.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif p.stop and (hit := find_stop(seq.text, len(new_text), p.stop)):
+            seq.text = seq.text[: hit[0]]
+            self._finish(seq, "stop", hit[1])
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= (self.config.max_model_len or 0):
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.status = SeqStatus.FINISHED
+        self.scheduler.remove(seq)
+        self.detoks.pop(seq.seq_id, None)
+
+    def _output(self, request: Request) -> RequestOutput:
+        holdback = max((len(s) for s in request.params.stop), default=1) - 1
+        outputs = []
+        for seq in request.seqs:
+            text = seq.text if seq.finished or not holdback else seq.text[: max(0, len(seq.text) - holdback)]
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    token_ids=seq.output_token_ids,
+                    text=text,
+                    logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        counts = [seq.new_tokens for seq in request.seqs]
+        for seq in request.seqs:
+            seq.new_tokens = 0
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs,
+            metrics=request.metrics,
+            finished=request.finished,
+            new_token_counts=counts,
+        )
+
+    def _pop_output(self, request: Request) -> RequestOutput:
+        request.metrics.finished_time = time.monotonic()
+        del self.requests[request.request_id]
+        return self._output(request)

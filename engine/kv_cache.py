@@ -1,0 +1,143 @@
+"""The KV block pool: ref-counted blocks, a free list in LRU order, and the prefix cache over it.
+
+A full block is named by a chained hash of its tokens (its parent's hash and its own token ids) and
+keeps its token ids, so a hit is exact even if two hashes collide. Cached blocks that nobody
+references stay in the free list and are evicted least-recently-freed first, only when needed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from kvpilot.engine.request import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, token_ids))
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}
+        self.prefix_queries = 0  # prompt tokens looked up, as vLLM counts them
+        self.prefix_hits = 0  # of those, tokens found in the cache
+
+    # ---- accounting -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def _block_tokens(self, seq: Sequence, index: int) -> tuple[int, ...]:
+        bs = self.block_size
+        return tuple(seq.token_ids[index * bs : (index + 1) * bs])
+
+    def _hash_of(self, seq: Sequence, index: int) -> int:
+        while len(seq.block_hashes) <= index:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[i - 1] if i else None
+            seq.block_hashes.append(chain_hash(parent, self._block_tokens(seq, i)))
+        return seq.block_hashes[index]
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks covering the sequence's leading full blocks; the last token is always recomputed."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        for index in range((seq.num_tokens - 1) // self.block_size):
+            block_id = self.cached.get(self._hash_of(seq, index))
+            if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(seq, index):
+                break
+            hits.append(block_id)
+        return hits
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Name every block the sequence has filled with computed tokens, so others can share it."""
+        if not self.enable_prefix_caching:
+            return
+        for index in range(seq.num_computed_tokens // self.block_size):
+            block = self.blocks[seq.block_table[index]]
+            if block.block_hash is not None:
+                continue
+            block_hash = self._hash_of(seq, index)
+            if block_hash in self.cached:  # an identical block was computed concurrently; keep that one
+                continue
+            block.block_hash, block.token_ids = block_hash, self._block_tokens(seq, index)
+            self.cached[block_hash] = block.block_id
+
+    # ---- allocation -------------------------------------------------------------------------
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def _pop_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict from the prefix cache
+            del self.cached[block.block_hash]
+            block.block_hash, block.token_ids = None, None
+        block.ref_count = 1
+        return block_id
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, shared: list[int] | None = None) -> bool:
+        """Whether `num_new_tokens` more fit, after adopting `shared` blocks (which may sit in the free list)."""
+        shared = shared or []
+        table = len(seq.block_table) + len(shared)
+        computed = len(shared) * self.block_size if shared else seq.num_computed_tokens
+        needed = self.blocks_for(computed + num_new_tokens) - table
+        reclaimable = sum(1 for b in shared if self.blocks[b].ref_count == 0)
+        return needed <= len(self.free) - reclaimable
+
+    def share(self, seq: Sequence, block_ids: list[int]) -> None:
+        """Adopt already-computed blocks (prefix hits or a parent sample's prompt)."""
+        for block_id in block_ids:
+            self._take(block_id)
+        seq.block_table.extend(block_ids)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if needed > len(self.free):
+            raise RuntimeError("allocate() called without can_allocate(): the scheduler's invariant broke")
+        seq.block_table.extend(self._pop_free() for _ in range(needed))
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Drop the sequence's references; tail blocks go first to the eviction end."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count < 0:
+                raise RuntimeError(f"block {block_id} freed more often than taken")
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                if block.block_hash is None:  # nothing to keep: reuse these first
+                    self.free.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_prompt_tokens
+        self.prefix_hits += num_hit_tokens

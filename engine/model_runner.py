@@ -1,0 +1,169 @@
+"""Turns a scheduled step into tensors, runs the model, and returns logits for the rows to sample.
+
+It also owns the device-side state: the model, the KV cache tensors and the attention backend,
+and sizes the KV pool (on CUDA from measured memory, on CPU from an explicit budget).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from kvpilot.engine.attention.backend import AttentionBackend, AttentionMetadata
+from kvpilot.engine.config import EngineConfig
+from kvpilot.engine.models.arch import ModelArch
+from kvpilot.engine.models.llama import CausalLM
+from kvpilot.engine.request import Sequence
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 256 * 1024**2
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor  # [num_sampled, vocab] fp32
+    sampled: list[Sequence]  # the sequences whose slice reached their end, row order of logits
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        try:
+            from kvpilot.engine.attention.triton_backend import TritonAttentionBackend
+        except ImportError as exc:
+            if name == "triton":
+                raise ValueError(f"attention_backend 'triton' is unavailable: {exc}") from exc
+        else:
+            return TritonAttentionBackend()
+    from kvpilot.engine.attention.torch_ref import TorchAttentionBackend
+
+    return TorchAttentionBackend()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: CausalLM, arch: ModelArch, max_model_len: int) -> None:
+        self.config = config
+        self.model = model
+        self.arch = arch
+        self.max_model_len = max_model_len
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = config.block_size
+        self.backend = select_backend(config.attention_backend, self.device)
+        model.set_attention_backend(self.backend)
+        self.num_blocks = self._size_kv_pool()
+        shape = (arch.num_layers, self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(arch.num_layers)]
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s backend); max concurrency at "
+            "max_model_len %d: %.2f",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
+            2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
+            self.backend.name,
+            max_model_len,
+            self.num_blocks * self.block_size / max_model_len,
+        )
+
+    @property
+    def block_bytes(self) -> int:
+        return self.arch.kv_bytes_per_token * self.block_size * torch.finfo(self.dtype).bits // 8
+
+    def _size_kv_pool(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cuda":
+            return self._size_from_gpu_memory()
+        budget = self.config.kv_cache_memory_bytes
+        num_blocks = (budget or CPU_DEFAULT_KV_BYTES) // self.block_bytes
+        if budget is None:  # the default need not exceed what max_num_seqs full-length sequences use
+            per_seq = -(-self.max_model_len // self.block_size)
+            num_blocks = min(num_blocks, self.config.max_num_seqs * per_seq)
+        if num_blocks < 1:
+            raise ValueError(f"KV budget of {budget} bytes holds no block of {self.block_bytes} bytes")
+        return int(num_blocks)
+
+    def _size_from_gpu_memory(self) -> int:
+        """gpu_memory_utilization x device memory, minus what the process and others hold at peak."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.profile_run()
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        available = total * self.config.gpu_memory_utilization - used - (peak - current)
+        num_blocks = int(available // self.block_bytes)
+        log.info(
+            "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> %.1f GiB for KV",
+            total / 2**30, used / 2**30, (peak - current) / 2**30, max(available, 0) / 2**30,
+        )
+        if num_blocks < 1:
+            raise ValueError(
+                f"no memory left for the KV cache at gpu_memory_utilization={self.config.gpu_memory_utilization}:"
+                " raise it or lower max_num_batched_tokens"
+            )
+        return num_blocks
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """A forward at the full step budget, without a cache, to measure peak activation memory."""
+        tokens = self.config.max_num_batched_tokens
+        lengths = [min(self.max_model_len, tokens - done) for done in range(0, tokens, self.max_model_len)]
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+        input_ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        meta = self._metadata(lengths, lengths, [], np.zeros(0, dtype=np.int64))
+        hidden = self.model(input_ids, positions, [None] * self.arch.num_layers, meta)
+        rows = min(self.config.max_num_seqs, tokens)
+        self.model.compute_logits(hidden[:rows])
+
+    def _metadata(
+        self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: np.ndarray
+    ) -> AttentionMetadata:
+        width = max((len(t) for t in tables), default=0)
+        table = np.zeros((len(tables), max(width, 1)), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
+        dev = self.device
+        return AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            cu_seqlens_q=torch.tensor(np.concatenate([[0], np.cumsum(query_lens)]), dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
+        bs = self.block_size
+        ids: list[int] = []
+        positions, slots = [], []
+        query_lens, seq_lens, tables, sample_rows, sampled = [], [], [], [], []
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            pos = np.arange(start, start + n)
+            blocks = np.asarray(seq.block_table, dtype=np.int64)
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(seq.block_table)
+            if start + n == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+                sampled.append(seq)
+        meta = self._metadata(query_lens, seq_lens, tables, np.concatenate(slots))
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos_t = torch.from_numpy(np.concatenate(positions)).to(self.device)
+        hidden = self.model(input_ids, pos_t, self.kv_caches, meta)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return StepResult(self.model.compute_logits(hidden[rows]), sampled)

@@ -1,0 +1,121 @@
+"""Iteration-level scheduling: who computes how many tokens in the next step.
+
+Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
+Running sequences go first, in arrival order, each taking what it still needs (one token when
+decoding, a chunk when prefilling), so decodes and prefill chunks share a step. Waiting
+sequences are admitted first-come first-served with what budget is left. When the KV pool runs
+dry, the most recently admitted running sequence is preempted: its blocks are freed and it is
+recomputed later from its prompt and the tokens it already produced, so its output is unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvpilot.engine.config import EngineConfig
+from kvpilot.engine.kv_cache import KVCacheManager
+from kvpilot.engine.request import SeqStatus, Sequence
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free_seq(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.can_allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                break
+            self.kv.allocate(seq, n)
+            out.scheduled.append((seq, n))
+            budget -= n
+            i += 1
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        now = time.monotonic()
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            parent = seq.parent
+            if parent is not None and parent.status is SeqStatus.RUNNING and (
+                parent.num_computed_tokens < parent.num_prompt_tokens
+            ):
+                break  # FCFS: the sibling waits for its parent's prompt, to share its blocks
+            shared = self._shareable(seq)
+            cached_tokens = len(shared) * self.kv.block_size
+            n = min(seq.num_tokens - cached_tokens, budget)
+            if not self.kv.can_allocate(seq, n, shared):
+                break
+            self.waiting.popleft()
+            self.kv.record_lookup(seq.num_tokens, cached_tokens)
+            self.kv.share(seq, shared)
+            self.kv.allocate(seq, n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+            metrics = seq.request.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+                metrics.num_cached_tokens = cached_tokens
+
+    def _shareable(self, seq: Sequence) -> list[int]:
+        """Blocks the sequence can adopt: its parent's computed prompt blocks, else prefix-cache hits."""
+        parent = seq.parent
+        cached = self.kv.find_cached_prefix(seq)
+        if parent is None or parent.status is not SeqStatus.RUNNING:
+            return cached
+        full = min(parent.num_computed_tokens, seq.num_prompt_tokens, seq.num_tokens - 1) // self.kv.block_size
+        inherited = parent.block_table[:full]
+        return inherited if len(inherited) > len(cached) else cached
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free_seq(seq)
+        seq.status = SeqStatus.WAITING
+        seq.request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
