@@ -8,6 +8,7 @@ Outputs are fanned out to one asyncio queue per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -87,9 +88,7 @@ class AsyncEngine:
         if self._dead is not None or self._task is None or self._task.done():
             raise EngineDead(f"the engine is not running: {self._dead or 'not started'}")
         if self.core.stats().num_waiting >= self.max_waiting_requests:
-            raise EngineOverloaded(
-                f"the waiting queue is full ({self.max_waiting_requests} requests): retry later"
-            )
+            raise EngineOverloaded(f"the waiting queue is full ({self.max_waiting_requests} requests): retry later")
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, self)
         async with self._lock:  # the core is touched only between steps
@@ -138,8 +137,6 @@ class AsyncEngine:
             await self.abort(request_id)
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)

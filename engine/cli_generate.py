@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompts
     if args.chat:
         prompts = [
-            llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            llm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
             for p in prompts
         ]
     try:
@@ -86,8 +88,16 @@ def run(args: argparse.Namespace) -> int:
     for prompt, out in zip(args.prompts, outputs, strict=True):
         sample = out.outputs[0]
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": sample.text, "token_ids": sample.token_ids,
-                              "finish_reason": sample.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": sample.text,
+                        "token_ids": sample.token_ids,
+                        "finish_reason": sample.finish_reason,
+                    }
+                )
+            )
         else:
             print(f"{prompt}{sample.text}\n[{len(sample.token_ids)} tokens, finish_reason={sample.finish_reason}]")
     return 0

@@ -76,9 +76,7 @@ def _eos_ids(model_dir: Path, arch: ModelArch, tokenizer: object | None) -> tupl
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         if config.tensor_parallel_size != 1:
-            raise ValueError(
-                "tensor_parallel_size: only 1 is implemented so far (multi-GPU sharding is issue 8)"
-            )
+            raise ValueError("tensor_parallel_size: only 1 is implemented so far (multi-GPU sharding is issue 8)")
         self.model_dir = resolve_model_path(config.model)
         arch = load_arch(self.model_dir)
         max_len = config.max_model_len or arch.max_position_embeddings
@@ -177,9 +175,7 @@ class EngineCore:
             seq = Sequence(request, i, list(token_ids), len(token_ids), generator=gen)
             request.seqs.append(seq)
             if self.tokenizer is not None:
-                self.detoks[seq.seq_id] = IncrementalDetokenizer(
-                    self.tokenizer, token_ids, params.skip_special_tokens
-                )
+                self.detoks[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             self.scheduler.add(seq)
         self.requests[request_id] = request
         return request

@@ -102,7 +102,10 @@ class ModelRunner:
         num_blocks = int(available // self.block_bytes)
         log.info(
             "GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> %.1f GiB for KV",
-            total / 2**30, used / 2**30, (peak - current) / 2**30, max(available, 0) / 2**30,
+            total / 2**30,
+            used / 2**30,
+            (peak - current) / 2**30,
+            max(available, 0) / 2**30,
         )
         if num_blocks < 1:
             raise ValueError(

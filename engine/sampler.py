@@ -19,9 +19,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         params = [s.params for s in seqs]
-        raw_logprobs = (
-            torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-        )
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         logits = self._apply_penalties(logits.clone(), seqs)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -60,9 +58,7 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _logprobs(
-        raw: torch.Tensor | None, tokens: list[int], params: list
-    ) -> list[TokenLogprob | None]:
+    def _logprobs(raw: torch.Tensor | None, tokens: list[int], params: list) -> list[TokenLogprob | None]:
         if raw is None:
             return [None] * len(tokens)
         result: list[TokenLogprob | None] = []

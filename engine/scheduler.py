@@ -81,8 +81,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             parent = seq.parent
-            if parent is not None and parent.status is SeqStatus.RUNNING and (
-                parent.num_computed_tokens < parent.num_prompt_tokens
+            if (
+                parent is not None
+                and parent.status is SeqStatus.RUNNING
+                and (parent.num_computed_tokens < parent.num_prompt_tokens)
             ):
                 break  # FCFS: the sibling waits for its parent's prompt, to share its blocks
             shared = self._shareable(seq)

@@ -66,9 +66,7 @@ def parse_arch(cfg: dict[str, Any]) -> ModelArch:
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type", "")
     if model_type not in _MODEL_TYPES and not any(a in SUPPORTED for a in archs):
-        raise ValueError(
-            f"unsupported architecture {archs or model_type!r}: kvpilot serves {sorted(SUPPORTED)}"
-        )
+        raise ValueError(f"unsupported architecture {archs or model_type!r}: kvpilot serves {sorted(SUPPORTED)}")
     model_type = model_type if model_type in _MODEL_TYPES else SUPPORTED[next(a for a in archs if a in SUPPORTED)]
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])

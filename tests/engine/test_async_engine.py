@@ -1,0 +1,60 @@
+"""The asyncio front: streaming outputs, aborts that free blocks at once, overload refusal."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from kvpilot.engine import AsyncEngine, EngineConfig, SamplingParams
+from kvpilot.engine.errors import EngineOverloaded
+
+
+@pytest.fixture
+async def engine(tiny_model):
+    eng = AsyncEngine(EngineConfig(model=str(tiny_model("llama")), max_num_seqs=4), max_waiting_requests=3)
+    await eng.start()
+    yield eng
+    await eng.shutdown()
+
+
+async def test_streams_grow_and_finish(engine: AsyncEngine) -> None:
+    stream = await engine.add_request([1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True))
+    lengths = [len(out.outputs[0].token_ids) async for out in stream]
+    assert lengths == [1, 2, 3, 4, 5, 6]
+
+
+async def test_concurrent_requests_and_abort_frees_blocks(engine: AsyncEngine) -> None:
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    streams = [await engine.add_request([i + 1] * 40, params) for i in range(3)]
+    first = await streams[0].__aiter__().__anext__()
+    assert not first.finished
+    await engine.abort(streams[1].request_id)
+    async for out in streams[1]:
+        last = out
+    assert last.finished and last.outputs[0].finish_reason == "abort"
+    # A consumer that stops iterating (client disconnect) aborts its request too.
+    it = streams[2].__aiter__()
+    await it.__anext__()
+    await it.aclose()
+    await engine.abort(streams[0].request_id)
+    for _ in range(50):
+        if engine.stats().num_free_blocks == engine.stats().num_total_blocks:
+            break
+        await asyncio.sleep(0.01)
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
+
+
+async def test_waiting_queue_bound_refuses(engine: AsyncEngine) -> None:
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    refused = 0
+    streams = []
+    for i in range(12):
+        try:
+            streams.append(await engine.add_request([i + 1, 2], params))
+        except EngineOverloaded:
+            refused += 1
+    assert refused > 0
+    for s in streams:
+        outs = [out async for out in s]
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"

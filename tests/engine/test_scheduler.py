@@ -1,0 +1,50 @@
+"""Scheduling decisions, observed step by step on a real engine core."""
+
+from __future__ import annotations
+
+import pytest
+from kvpilot.engine import EngineConfig, SamplingParams
+from kvpilot.engine.engine_core import EngineCore
+
+
+@pytest.fixture
+def core(tiny_model) -> EngineCore:
+    return EngineCore(EngineConfig(model=str(tiny_model("llama")), max_num_batched_tokens=16, max_num_seqs=3))
+
+
+def test_chunked_prefill_mixes_decodes_and_a_chunk(core: EngineCore) -> None:
+    core.add_request([1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True), request_id="short")
+    core.step()  # the short prompt is prefilled and now decodes
+    core.add_request(list(range(1, 60)), SamplingParams(max_tokens=2, ignore_eos=True), request_id="long")
+    plan = core.scheduler.schedule()
+    sizes = {seq.request.request_id: n for seq, n in plan.scheduled}
+    assert sizes == {"short": 1, "long": 15}, "one decode token plus a 15-token chunk fill the 16-token budget"
+
+
+def test_fcfs_and_max_num_seqs(core: EngineCore) -> None:
+    for i in range(5):
+        core.add_request([i + 1, 2], SamplingParams(max_tokens=4, ignore_eos=True), request_id=f"r{i}")
+    plan = core.scheduler.schedule()
+    assert [s.request.request_id for s, _ in plan.scheduled] == ["r0", "r1", "r2"]
+    assert [s.request.request_id for s in core.scheduler.waiting] == ["r3", "r4"]
+
+
+def test_preempted_request_resumes_with_same_output(tiny_model) -> None:
+    model = str(tiny_model("llama"))
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=30, ignore_eos=True)
+    roomy = EngineCore(EngineConfig(model=model))
+    roomy.add_request(list(range(1, 20)), params, request_id="a")
+    while roomy.has_unfinished:
+        outs = roomy.step()
+    expected = outs[0].outputs[0].token_ids
+    tight = EngineCore(EngineConfig(model=model, num_kv_blocks=5))
+    tight.add_request(list(range(1, 20)), params, request_id="a")
+    tight.add_request(list(range(30, 45)), params, request_id="b")
+    done = {}
+    while tight.has_unfinished:
+        for out in tight.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert tight.stats().num_preemptions > 0
+    assert done["a"].outputs[0].token_ids == expected
+    assert done["a"].metrics.num_preemptions + done["b"].metrics.num_preemptions > 0
