@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from kvpilot.engine.attention.backend import AttentionBackend, AttentionMetadata
 from kvpilot.engine.config import EngineConfig
+from kvpilot.engine.cuda_graphs import DecodeGraphs
 from kvpilot.engine.models.arch import ModelArch
 from kvpilot.engine.models.llama import CausalLM
 from kvpilot.engine.request import Sequence
@@ -58,6 +59,12 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(arch.num_layers)]
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
+            self.graphs = DecodeGraphs(
+                model, self.kv_caches, self.backend, min(config.max_num_seqs, 512), max_model_len, self.block_size
+            )
+            self.graphs.capture()
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s backend); max concurrency at "
             "max_model_len %d: %.2f",
@@ -167,6 +174,9 @@ class ModelRunner:
         meta = self._metadata(query_lens, seq_lens, tables, np.concatenate(slots))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos_t = torch.from_numpy(np.concatenate(positions)).to(self.device)
-        hidden = self.model(input_ids, pos_t, self.kv_caches, meta)
+        if self.graphs is not None and meta.is_decode_only and len(scheduled) <= self.graphs.max_batch:
+            hidden = self.graphs.run(input_ids, pos_t, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        else:
+            hidden = self.model(input_ids, pos_t, self.kv_caches, meta)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return StepResult(self.model.compute_logits(hidden[rows]), sampled)

@@ -17,12 +17,16 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         params = [s.params for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-        logits = self._apply_penalties(logits.clone(), seqs)
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        logits = self._apply_penalties(logits, seqs)
         greedy = [i for i, p in enumerate(params) if p.greedy]
+        if len(greedy) == len(params):  # the common cases take one batched op
+            token_list = logits.argmax(dim=-1).tolist()
+            return token_list, self._logprobs(raw_logprobs, token_list, params)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         if greedy:
             idx = torch.tensor(greedy, device=logits.device)
             tokens[idx] = logits[idx].argmax(dim=-1)
@@ -84,13 +88,13 @@ def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (ks - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=probs.dtype)
-    if bool((top_p < 1.0).any()):
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=probs.dtype)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         exceeds = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
         sorted_probs = sorted_probs.masked_fill(exceeds, 0.0)
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
-    min_p = torch.tensor([p.min_p for p in params], device=logits.device, dtype=probs.dtype)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device, dtype=probs.dtype)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs

@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 import math
+from functools import cache
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@cache
+def _fused() -> ModuleType | None:
+    """The Triton kernels, when this machine can run them on its GPU."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import kvpilot.kernels.activation as activation
+        import kvpilot.kernels.rms_norm as rms_norm
+        import kvpilot.kernels.rotary as rotary
+    except ImportError:
+        return None
+    module = ModuleType("fused")
+    module.rms_norm = rms_norm.rms_norm
+    module.fused_add_rms_norm = rms_norm.fused_add_rms_norm
+    module.rotary_embedding = rotary.rotary_embedding
+    module.silu_and_mul = activation.silu_and_mul
+    return module
+
+
+def _kernels_for(x: torch.Tensor) -> ModuleType | None:
+    return _fused() if x.is_cuda else None
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +43,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = _kernels_for(x)
+        if fused is not None and x.dim() == 2 and x.stride(-1) == 1:
+            return fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -25,6 +53,9 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual add then norm: returns (normed, new residual)."""
+        fused = _kernels_for(x)
+        if fused is not None:
+            return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
         residual = x + residual
         return self.forward(residual), residual
 
@@ -59,6 +90,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = _kernels_for(q)
+        if fused is not None:  # rotates the views of the fused qkv output in place: no copies
+            fused.rotary_embedding(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -72,5 +107,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    fused = _kernels_for(x)
+    if fused is not None:
+        return fused.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return nn.functional.silu(gate) * up
