@@ -20,8 +20,10 @@ from bench.engine_common import make_llm
 LOGPROB_TOLERANCE = 0.1  # nats, bf16 through 32 layers
 
 
-def _run(backend: str, prompts: list[list[int]]) -> list[Any]:
-    llm = make_llm("llama-3.1-8b", attention_backend=backend, enforce_eager=backend == "torch", max_num_seqs=16)
+def _run(backend: str, prompts: list[list[int]], dtype: str) -> list[Any]:
+    llm = make_llm(
+        "llama-3.1-8b", attention_backend=backend, enforce_eager=backend == "torch", max_num_seqs=16, dtype=dtype
+    )
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=1))
     del llm
     gc.collect()

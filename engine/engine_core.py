@@ -206,7 +206,8 @@ class EngineCore:
         )
 
     # ---- the step ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """One engine iteration. With stream=False only finished requests get an output (offline use)."""
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
@@ -223,7 +224,11 @@ class EngineCore:
             metrics.first_token_time = metrics.first_token_time or now
             metrics.last_token_time = now
             touched[seq.request.request_id] = seq.request
-        return [self._pop_output(r) if r.finished else self._output(r) for r in touched.values()]
+        return [
+            self._pop_output(r) if r.finished else self._output(r)
+            for r in touched.values()
+            if stream or r.finished
+        ]
 
     def _append(self, seq: Sequence, token: int, logprob: object) -> None:
         seq.token_ids.append(token)

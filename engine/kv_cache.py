@@ -76,7 +76,8 @@ class KVCacheManager:
         """Name every block the sequence has filled with computed tokens, so others can share it."""
         if not self.enable_prefix_caching:
             return
-        for index in range(seq.num_computed_tokens // self.block_size):
+        full = seq.num_computed_tokens // self.block_size
+        for index in range(seq.num_cached_blocks, full):
             block = self.blocks[seq.block_table[index]]
             if block.block_hash is not None:
                 continue
@@ -85,6 +86,7 @@ class KVCacheManager:
                 continue
             block.block_hash, block.token_ids = block_hash, self._block_tokens(seq, index)
             self.cached[block_hash] = block.block_id
+        seq.num_cached_blocks = max(seq.num_cached_blocks, full)
 
     # ---- allocation -------------------------------------------------------------------------
     def _take(self, block_id: int) -> None:
@@ -117,6 +119,7 @@ class KVCacheManager:
             self._take(block_id)
         seq.block_table.extend(block_ids)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        seq.num_cached_blocks = len(seq.block_table)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
@@ -137,6 +140,7 @@ class KVCacheManager:
                     self.free.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
 
     def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries += num_prompt_tokens

@@ -48,7 +48,9 @@ class LLM:
             raise
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
-            for out in self.core.step():
+            if not self.core.scheduler.has_work:
+                raise RuntimeError("engine idle with unfinished requests: a scheduling invariant broke")
+            for out in self.core.step(stream=False):
                 if out.finished:
                     done[out.request_id] = out
         return [done[i] for i in ids]

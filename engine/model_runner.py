@@ -136,10 +136,8 @@ class ModelRunner:
     def _metadata(
         self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: np.ndarray
     ) -> AttentionMetadata:
-        width = max((len(t) for t in tables), default=0)
-        table = np.zeros((len(tables), max(width, 1)), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = t
+        width = max(max((len(t) for t in tables), default=0), 1)
+        table = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32).reshape(len(tables), width)
         dev = self.device
         return AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
@@ -156,27 +154,35 @@ class ModelRunner:
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
         bs = self.block_size
         ids: list[int] = []
-        positions, slots = [], []
+        positions: list[int] = []
+        slots: list[int] = []
         query_lens, seq_lens, tables, sample_rows, sampled = [], [], [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + n])
-            pos = np.arange(start, start + n)
-            blocks = np.asarray(seq.block_table, dtype=np.int64)
-            positions.append(pos)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
+            table = seq.block_table
+            if n == 1:  # decode: plain integer arithmetic beats array set-up for one token
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids.extend(seq.token_ids[start : start + n])
+                pos = np.arange(start, start + n)
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
             query_lens.append(n)
             seq_lens.append(start + n)
-            tables.append(seq.block_table)
+            tables.append(table)
             if start + n == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        meta = self._metadata(query_lens, seq_lens, tables, np.concatenate(slots))
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos_t = torch.from_numpy(np.concatenate(positions)).to(self.device)
+        meta = self._metadata(query_lens, seq_lens, tables, np.asarray(slots, dtype=np.int64))
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        pos_t = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         if self.graphs is not None and meta.is_decode_only and len(scheduled) <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, pos_t, meta.slot_mapping, meta.seq_lens, meta.block_tables)
         else:
             hidden = self.model(input_ids, pos_t, self.kv_caches, meta)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        if len(sample_rows) == hidden.shape[0]:
+            return StepResult(self.model.compute_logits(hidden), sampled)
+        rows = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
         return StepResult(self.model.compute_logits(hidden[rows]), sampled)

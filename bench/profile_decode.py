@@ -1,0 +1,94 @@
+"""Where a decode step's time goes: graph replay alone vs the whole engine step, and the kernel breakdown.
+
+Run: `python -m bench.profile_decode [--batch 1,128]`. The kernel table comes from one eager forward under
+torch.profiler (graph replays hide kernels from it); their sum is the GPU time a replay also spends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from kvpilot.engine import SamplingParams
+from torch.profiler import ProfilerActivity, profile
+
+from bench.common import provenance, write_result
+from bench.engine_common import make_llm
+
+
+def _prepare_decode(llm: Any, batch: int) -> None:
+    core = llm.core
+    rng = random.Random(batch)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=400)
+    for i in range(batch):
+        core.add_request([rng.randrange(1000, 100000) for _ in range(128)], params, request_id=f"p{batch}-{i}")
+    while any(s.num_output_tokens == 0 for r in core.requests.values() for s in r.seqs):
+        core.step()
+
+
+def _time(fn: Any, reps: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / reps
+
+
+def profile_batch(llm: Any, batch: int) -> dict[str, Any]:
+    _prepare_decode(llm, batch)
+    core, runner = llm.core, llm.core.runner
+    graphs = runner.graphs
+    size = next(s for s in graphs.sizes if s >= batch)
+    replay_ms = _time(lambda: graphs.graphs[size].replay())
+    step_ms = _time(lambda: core.step(stream=False))
+    timings: dict[str, float] = defaultdict(float)
+    sched = core.scheduler.schedule()
+    t0 = time.perf_counter()
+    runner.graphs = None  # one eager step, for the kernel table
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = runner.execute(sched.scheduled)
+        torch.cuda.synchronize()
+    runner.graphs = graphs
+    timings["eager_step_ms"] = 1000 * (time.perf_counter() - t0)
+    for seq, n in sched.scheduled:
+        seq.num_computed_tokens += n
+    core.sampler(result.logits, result.sampled)
+    kernels: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.device_type.name == "CUDA" or getattr(evt, "self_device_time_total", 0):
+            kernels[evt.key[:80]] += evt.self_device_time_total / 1000
+    total = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    for request_id in list(core.requests):
+        core.abort(request_id)
+    return {
+        "batch": batch,
+        "graph_replay_ms": round(replay_ms, 3),
+        "engine_step_ms": round(step_ms, 3),
+        "host_overhead_ms": round(step_ms - replay_ms, 3),
+        "kernel_sum_ms": round(total, 3),
+        "top_kernels_ms": {k: round(v, 3) for k, v in top},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", default="1,128")
+    parser.add_argument("--name", default="profile_decode")
+    args = parser.parse_args()
+    llm = make_llm("llama-3.1-8b", max_num_seqs=128, max_num_batched_tokens=16384)
+    runs = [profile_batch(llm, int(b)) for b in args.batch.split(",")]
+    for run in runs:
+        print(run, flush=True)
+    write_result(args.name, {**provenance(), "shape": "llama-3.1-8b", "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
