@@ -16,11 +16,17 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # The Rust tokenizer behind a fast HF tokenizer decodes ~20x faster than the Python wrapper, and
+        # gives the same text when the wrapper would not clean up spaces afterwards.
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._fast = backend if not getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_ids: list[int]) -> str:
