@@ -140,3 +140,4 @@ class AsyncEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
+        self.core.close()

@@ -19,17 +19,15 @@ from kvpilot.engine.demo import resolve_model_path
 from kvpilot.engine.detokenizer import IncrementalDetokenizer, find_stop
 from kvpilot.engine.errors import RequestRejected
 from kvpilot.engine.kv_cache import KVCacheManager
-from kvpilot.engine.model_runner import ModelRunner
 from kvpilot.engine.models.arch import ModelArch, load_arch
-from kvpilot.engine.models.loader import load_model
 from kvpilot.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvpilot.engine.parallel import SINGLE, check_divisible, destroy_process_group
 from kvpilot.engine.request import Request, SeqStatus, Sequence
 from kvpilot.engine.sampler import Sampler
 from kvpilot.engine.scheduler import Scheduler
+from kvpilot.engine.worker import WorkerPool, build_runner, resolve_device, start_tensor_parallel
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -42,23 +40,6 @@ class EngineStats:
     prefix_cache_hits: int
     prefix_cache_queries: int
     num_preemptions: int
-
-
-def _resolve_device(config: EngineConfig) -> torch.device:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is available")
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
-def _resolve_dtype(config: EngineConfig, arch: ModelArch, device: torch.device) -> torch.dtype:
-    if config.dtype != "auto":
-        return _DTYPES[config.dtype]
-    if device.type == "cpu":
-        return torch.float32  # CPU matmuls in half precision are slow and rarely what a test wants
-    dtype = _DTYPES.get(arch.torch_dtype, torch.bfloat16)
-    return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
 def _eos_ids(model_dir: Path, arch: ModelArch, tokenizer: object | None) -> tuple[int, ...]:
@@ -75,8 +56,6 @@ def _eos_ids(model_dir: Path, arch: ModelArch, tokenizer: object | None) -> tupl
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        if config.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size: only 1 is implemented so far (multi-GPU sharding is issue 8)")
         self.model_dir = resolve_model_path(config.model)
         arch = load_arch(self.model_dir)
         max_len = config.max_model_len or arch.max_position_embeddings
@@ -91,24 +70,33 @@ class EngineCore:
         self.config = config.model_copy(update={"max_model_len": max_len})
         self.arch = arch
         self.tokenizer = self._load_tokenizer()
-        device = _resolve_device(config)
-        torch.manual_seed(config.seed)
-        model = load_model(
-            self.model_dir,
-            arch,
-            dtype=_resolve_dtype(config, arch, device),
-            device=device,
-            load_format=config.load_format,
-            max_positions=max_len,
-            seed=config.seed,
-        )
-        self.runner = ModelRunner(self.config, model, arch, max_len)
+        self.workers: WorkerPool | None = None
+        tp = SINGLE
+        if config.tensor_parallel_size > 1:
+            check_divisible(arch, config.tensor_parallel_size)
+            resolve_device(self.config)  # fail fast when there are too few GPUs, before spawning anything
+            self.workers, tp = start_tensor_parallel(self.config, self.model_dir, arch)
+        try:
+            self.runner = build_runner(self.config, self.model_dir, arch, tp)
+        except BaseException:
+            self.close()
+            raise
+        if self.workers is not None:
+            self.runner.on_step = self.workers.send
+        device = self.runner.device
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv)
         self.eos_token_ids = _eos_ids(self.model_dir, arch, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, device, config.seed)
         self.requests: dict[str, Request] = {}
         self.detoks: dict[int, IncrementalDetokenizer] = {}
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
+            destroy_process_group()
 
     def _load_tokenizer(self) -> object | None:
         if not any((self.model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
@@ -225,9 +213,7 @@ class EngineCore:
             metrics.last_token_time = now
             touched[seq.request.request_id] = seq.request
         return [
-            self._pop_output(r) if r.finished else self._output(r)
-            for r in touched.values()
-            if stream or r.finished
+            self._pop_output(r) if r.finished else self._output(r) for r in touched.values() if stream or r.finished
         ]
 
     def _append(self, seq: Sequence, token: int, logprob: object) -> None:

@@ -7,6 +7,7 @@ and sizes the KV pool (on CUDA from measured memory, on CPU from an explicit bud
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,11 +17,25 @@ from kvpilot.engine.config import EngineConfig
 from kvpilot.engine.cuda_graphs import DecodeGraphs
 from kvpilot.engine.models.arch import ModelArch
 from kvpilot.engine.models.llama import CausalLM
+from kvpilot.engine.parallel import SINGLE, TPGroup
 from kvpilot.engine.request import Sequence
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 256 * 1024**2
+
+
+@dataclass
+class StepInputs:
+    """A step's host-side inputs: all any tensor-parallel rank needs to run the same forward."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: np.ndarray
+    query_lens: list[int]
+    seq_lens: list[int]
+    tables: list[list[int]]
+    sample_rows: list[int]
 
 
 @dataclass
@@ -44,18 +59,21 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: CausalLM, arch: ModelArch, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, model: CausalLM, arch: ModelArch, tp: TPGroup = SINGLE) -> None:
         self.config = config
         self.model = model
         self.arch = arch
-        self.max_model_len = max_model_len
+        self.tp = tp
+        self.max_model_len = max_model_len = config.max_model_len or arch.max_position_embeddings
+        self.on_step: Callable[[StepInputs], None] | None = None  # rank 0 hands each step to the other ranks
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.block_size = config.block_size
         self.backend = select_backend(config.attention_backend, self.device)
         model.set_attention_backend(self.backend)
-        self.num_blocks = self._size_kv_pool()
-        shape = (arch.num_layers, self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
+        self.num_blocks = tp.min_int(self._size_kv_pool(), self.device)
+        kv_heads = arch.num_kv_heads // tp.size
+        shape = (arch.num_layers, self.num_blocks, self.block_size, kv_heads, arch.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(arch.num_layers)]
@@ -79,7 +97,8 @@ class ModelRunner:
 
     @property
     def block_bytes(self) -> int:
-        return self.arch.kv_bytes_per_token * self.block_size * torch.finfo(self.dtype).bits // 8
+        per_rank = self.arch.kv_bytes_per_token // self.tp.size
+        return per_rank * self.block_size * torch.finfo(self.dtype).bits // 8
 
     def _size_kv_pool(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -150,8 +169,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
 
-    @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence]]:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -175,14 +193,26 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        meta = self._metadata(query_lens, seq_lens, tables, np.asarray(slots, dtype=np.int64))
-        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
-        if self.graphs is not None and meta.is_decode_only and len(scheduled) <= self.graphs.max_batch:
+        slot_array = np.asarray(slots, dtype=np.int64)
+        return StepInputs(ids, positions, slot_array, query_lens, seq_lens, tables, sample_rows), sampled
+
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward of one step on this rank; logits [sampled rows, vocab] (every rank gets them)."""
+        meta = self._metadata(inputs.query_lens, inputs.seq_lens, inputs.tables, inputs.slots)
+        input_ids = torch.tensor(inputs.ids, dtype=torch.long).to(self.device, non_blocking=True)
+        pos_t = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
+        if self.graphs is not None and meta.is_decode_only and len(inputs.query_lens) <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, pos_t, meta.slot_mapping, meta.seq_lens, meta.block_tables)
         else:
             hidden = self.model(input_ids, pos_t, self.kv_caches, meta)
-        if len(sample_rows) == hidden.shape[0]:
-            return StepResult(self.model.compute_logits(hidden), sampled)
-        rows = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
-        return StepResult(self.model.compute_logits(hidden[rows]), sampled)
+        if len(inputs.sample_rows) == hidden.shape[0]:
+            return self.model.compute_logits(hidden)
+        rows = torch.tensor(inputs.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        return self.model.compute_logits(hidden[rows])
+
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
+        inputs, sampled = self.prepare(scheduled)
+        if self.on_step is not None:
+            self.on_step(inputs)
+        return StepResult(self.run(inputs), sampled)

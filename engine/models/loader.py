@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from kvpilot.engine.models.arch import ModelArch
 from kvpilot.engine.models.llama import CausalLM
+from kvpilot.engine.parallel import SINGLE, TPGroup, shard_cols, shard_rows
 from safetensors import safe_open
 
 log = logging.getLogger(__name__)
@@ -52,22 +54,39 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _shard_slice(model: CausalLM, name: str, shard: int) -> slice:
-    arch = model.arch
+    """Where q/k/v (or gate/up) sit inside this rank's fused parameter."""
+    arch, tp = model.arch, model.tp.size
     if ".qkv_proj." in name:
-        q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        q, kv = arch.num_heads * arch.head_dim // tp, arch.num_kv_heads * arch.head_dim // tp
         starts = [0, q, q + kv]
         sizes = [q, kv, kv]
     else:
-        starts, sizes = [0, arch.intermediate_size], [arch.intermediate_size] * 2
+        inter = arch.intermediate_size // tp
+        starts, sizes = [0, inter], [inter, inter]
     return slice(starts[shard], starts[shard] + sizes[shard])
 
 
+def _rank_part(model: CausalLM, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """This tensor-parallel rank's part of a checkpoint tensor (named as ours)."""
+    tp = model.tp
+    if tp.size == 1:
+        return tensor
+    if ".qkv_proj." in name or ".gate_up_proj." in name:
+        return shard_rows(tensor, tp, tensor.shape[0] // tp.size)
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return shard_cols(tensor, tp)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return shard_rows(tensor, tp, -(-tensor.shape[0] // tp.size))
+    return tensor
+
+
 @torch.no_grad()
-def load_safetensors(model: CausalLM, model_dir: Path) -> None:
+def _fill(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]], source: str, sharded: bool) -> None:
+    """Copy HF-named tensors into our (fused, possibly sharded) parameters; every one filled exactly once."""
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     expected_parts = {n: 3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 1 for n in params}
-    for hf_name, tensor in _iter_tensors(safetensors_files(model_dir)):
+    for hf_name, tensor in tensors:
         if "rotary_emb" in hf_name:
             continue
         name, shard = hf_name, None
@@ -79,27 +98,88 @@ def load_safetensors(model: CausalLM, model_dir: Path) -> None:
             continue
         if name not in params:
             raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {model.arch.model_type} model")
+        part = tensor if sharded else _rank_part(model, name, tensor)
         target = params[name] if shard is None else params[name][_shard_slice(model, name, shard)]
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
-        target.copy_(tensor.to(target.dtype))
+        if tuple(target.shape) != tuple(part.shape):
+            raise ValueError(f"{hf_name}: checkpoint shape {tuple(part.shape)} != model {tuple(target.shape)}")
+        target.copy_(part.to(target.dtype))
         filled[name] = filled.get(name, 0) + 1
     missing = [n for n, parts in expected_parts.items() if filled.get(n, 0) != parts]
     if missing:
-        raise ValueError(f"checkpoint in {str(model_dir)!r} lacks weights for {missing[:5]} ({len(missing)} in all)")
+        raise ValueError(f"{source} lacks weights for {missing[:5]} ({len(missing)} in all)")
 
 
-@torch.no_grad()
+def load_safetensors(model: CausalLM, model_dir: Path) -> None:
+    _fill(model, _iter_tensors(safetensors_files(model_dir)), f"checkpoint in {str(model_dir)!r}", sharded=False)
+
+
+def hf_layout(arch: ModelArch) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
+    """Every tensor of the HF checkpoint of this architecture: (name, shape, how tensor parallelism splits it)."""
+    h, d = arch.hidden_size, arch.head_dim
+    q, kv, inter = arch.num_heads * d, arch.num_kv_heads * d, arch.intermediate_size
+    yield "model.embed_tokens.weight", (arch.vocab_size, h), "vocab"
+    for i in range(arch.num_layers):
+        pre = f"model.layers.{i}."
+        for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            yield f"{pre}self_attn.{proj}.weight", (rows, h), "rows"
+            if arch.qkv_bias:
+                yield f"{pre}self_attn.{proj}.bias", (rows,), "rows"
+        yield f"{pre}self_attn.o_proj.weight", (h, q), "cols"
+        if arch.qk_norm:
+            yield f"{pre}self_attn.q_norm.weight", (d,), None
+            yield f"{pre}self_attn.k_norm.weight", (d,), None
+        yield f"{pre}mlp.gate_proj.weight", (inter, h), "rows"
+        yield f"{pre}mlp.up_proj.weight", (inter, h), "rows"
+        yield f"{pre}mlp.down_proj.weight", (h, inter), "cols"
+        yield f"{pre}input_layernorm.weight", (h,), None
+        yield f"{pre}post_attention_layernorm.weight", (h,), None
+    yield "model.norm.weight", (h,), None
+    if not arch.tie_word_embeddings:
+        yield "lm_head.weight", (arch.vocab_size, h), "vocab"
+
+
+_DUMMY_BLOCK = 64  # generated in blocks of rows/columns seeded by their global index, so shards agree
+
+
+def _dummy_part(
+    name: str,
+    shape: tuple[int, ...],
+    split: str | None,
+    tp: TPGroup,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype, device=device)
+    if name.endswith(".bias"):
+        return torch.zeros(shape[0] // tp.size, dtype=dtype, device=device)
+    dim = 1 if split == "cols" else 0
+    full = shape[dim]
+    per = -(-full // tp.size) if split == "vocab" else full // tp.size if split else full
+    lo, hi = (tp.rank * per, min(full, (tp.rank + 1) * per)) if split else (0, full)
+    gen = torch.Generator(device=device)
+    blocks = []
+    name_key = zlib.crc32(name.encode())
+    for b in range(lo // _DUMMY_BLOCK, -(-hi // _DUMMY_BLOCK)):
+        gen.manual_seed((seed * 1_000_003 + name_key) * 65_537 + b)
+        block_shape = list(shape)
+        block_shape[dim] = _DUMMY_BLOCK
+        blocks.append(torch.empty(block_shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen))
+    part = torch.cat(blocks, dim=dim).narrow(dim, lo - (lo // _DUMMY_BLOCK) * _DUMMY_BLOCK, hi - lo)
+    if split == "vocab" and hi - lo < per:  # the last vocabulary shard is zero-padded
+        part = torch.cat([part, part.new_zeros(per - (hi - lo), shape[1])])
+    return part
+
+
 def init_dummy(model: CausalLM, seed: int) -> None:
-    """Random weights in the real shapes, scaled so activations stay finite through deep stacks."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        elif name.endswith(".bias"):
-            param.zero_()
-        else:
-            param.normal_(0.0, 0.02, generator=gen)
+    """Random weights in the real shapes, identical whatever the tensor-parallel size, without a checkpoint."""
+    param = next(model.parameters())
+    tensors = (
+        (name, _dummy_part(name, shape, split, model.tp, seed, param.dtype, param.device))
+        for name, shape, split in hf_layout(model.arch)
+    )
+    _fill(model, tensors, "dummy weights", sharded=True)
 
 
 def load_model(
@@ -111,13 +191,14 @@ def load_model(
     load_format: str,
     max_positions: int,
     seed: int,
+    tp: TPGroup = SINGLE,
 ) -> CausalLM:
     """Build the module directly on the device in the target dtype, then fill its weights."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = CausalLM(arch, max_positions)
+            model = CausalLM(arch, max_positions, tp)
     finally:
         torch.set_default_dtype(default_dtype)
     if load_format == "dummy":

@@ -131,8 +131,3 @@ def test_request_larger_than_pool_is_rejected(tiny_model) -> None:
     with pytest.raises(RequestRejected, match="whole pool holds 4"):
         core.add_request([1] * 60, SamplingParams(max_tokens=10))
     core.add_request([1] * 50, SamplingParams(max_tokens=10))  # 59 tokens of KV: fits exactly
-
-
-def test_tensor_parallel_not_yet_implemented_is_explicit(tiny_model) -> None:
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        EngineCore(EngineConfig(model=str(tiny_model("llama")), tensor_parallel_size=2))
