@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
-
 from kvpilot.engine import LLM, EngineConfig, SamplingParams
 from kvpilot.engine.engine_core import EngineCore
 
