@@ -1,0 +1,157 @@
+"""Fresh-random-input checks of every Triton kernel against its PyTorch reference, run before any timing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from kvpilot.kernels.activation import silu_and_mul, silu_and_mul_ref
+from kvpilot.kernels.extend_attention import (
+    extend_attention,
+    extend_attention_ref,
+    varlen_causal_attention,
+    varlen_causal_attention_ref,
+)
+from kvpilot.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from kvpilot.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from kvpilot.kernels.rotary import build_rope_cache, rotary_embedding, rotary_embedding_ref
+from kvpilot.kernels.store_kvcache import store_kvcache, store_kvcache_ref
+
+DEVICE = "cuda"
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def _paged(seq_lens: list[int], hkv: int, d: int, page: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    per_seq = [-(-n // page) for n in seq_lens]
+    num_blocks = sum(per_seq) + 5
+    k_cache = torch.randn(num_blocks, page, hkv, d, device=DEVICE).to(dtype)
+    v_cache = torch.randn(num_blocks, page, hkv, d, device=DEVICE).to(dtype)
+    perm = torch.randperm(num_blocks, device=DEVICE)
+    table = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32, device=DEVICE)
+    used = 0
+    for i, n in enumerate(per_seq):
+        table[i, :n] = perm[used : used + n].to(torch.int32)
+        used += n
+    return k_cache, v_cache, table
+
+
+def _cu(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+def _store(dtype: torch.dtype, page: int) -> float:
+    k_cache = torch.randn(64, page, 8, 128, device=DEVICE).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k = torch.randn(300, 8, 128, device=DEVICE).to(dtype)
+    v = torch.randn_like(k)
+    slots = torch.randperm(64 * page, device=DEVICE)[:300]
+    slots[::7] = -1
+    store_kvcache(k, v, k_cache, v_cache, slots)
+    store_kvcache_ref(k, v, k_ref, v_ref, slots)
+    return max(_rel(k_cache, k_ref), _rel(v_cache, v_ref))
+
+
+def _norm(dtype: torch.dtype) -> float:
+    x = torch.randn(257, 4096, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(4096, device=DEVICE)).to(dtype)
+    return _rel(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
+
+
+def _add_norm(dtype: torch.dtype) -> float:
+    x, r = (torch.randn(257, 4096, device=DEVICE).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(4096, device=DEVICE)).to(dtype)
+    out, res = fused_add_rms_norm(x, r, w, 1e-5)
+    ref_out, ref_res = fused_add_rms_norm_ref(x, r, w, 1e-5)
+    return max(_rel(out, ref_out), _rel(res, ref_res))
+
+
+def _rotary(dtype: torch.dtype) -> float:
+    cos, sin = build_rope_cache(128, 8192, 500000.0, LLAMA3, device=DEVICE)
+    qkv = torch.randn(333, 48 * 128, device=DEVICE).to(dtype)
+    q, k = qkv[:, : 32 * 128].view(-1, 32, 128), qkv[:, 32 * 128 : 40 * 128].view(-1, 8, 128)
+    q_ref, k_ref = q.clone(), k.clone()
+    positions = torch.randint(0, 8192, (333,), device=DEVICE)
+    rotary_embedding(positions, q, k, cos, sin)
+    rotary_embedding_ref(positions, q_ref, k_ref, cos, sin)
+    return max(_rel(q, q_ref), _rel(k, k_ref))
+
+
+def _silu(dtype: torch.dtype) -> float:
+    x = torch.randn(129, 2 * 14336, device=DEVICE).to(dtype)
+    return _rel(silu_and_mul(x), silu_and_mul_ref(x))
+
+
+def _decode(dtype: torch.dtype, page: int, splits: int | None) -> float:
+    seq_lens = [1, page, page + 1, 1000, 4096, 77, 2 * page, 3000]
+    k_cache, v_cache, table = _paged(seq_lens, 8, 128, page, dtype)
+    q = torch.randn(len(seq_lens), 32, 128, device=DEVICE).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.088, num_splits=splits, max_seq_len=4096)
+    return _rel(out, paged_decode_attention_ref(q, k_cache, v_cache, table, lens, 0.088))
+
+
+def _extend(dtype: torch.dtype, page: int) -> float:
+    parts = [(0, 500), (1024, 300), (page - 3, 3 + page), (2000, 1), (0, 1), (37, 129)]
+    seq_lens, q_lens = [p + n for p, n in parts], [n for _, n in parts]
+    k_cache, v_cache, table = _paged(seq_lens, 8, 128, page, dtype)
+    q = torch.randn(sum(q_lens), 32, 128, device=DEVICE).to(dtype)
+    cu, lens = _cu(q_lens), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = extend_attention(q, k_cache, v_cache, cu, lens, table, max(q_lens), 0.088)
+    return _rel(out, extend_attention_ref(q, k_cache, v_cache, cu, lens, table, max(q_lens), 0.088))
+
+
+def _varlen(dtype: torch.dtype) -> float:
+    q_lens = [1, 300, 129, 64]
+    q = torch.randn(sum(q_lens), 32, 128, device=DEVICE).to(dtype)
+    k, v = (torch.randn(sum(q_lens), 8, 128, device=DEVICE).to(dtype) for _ in range(2))
+    cu = _cu(q_lens)
+    out = varlen_causal_attention(q, k, v, cu, max(q_lens), 0.088)
+    return _rel(out, varlen_causal_attention_ref(q, k, v, cu, max(q_lens), 0.088))
+
+
+def _cases() -> list[tuple[str, str, torch.dtype, Callable[[], float]]]:
+    cases: list[tuple[str, str, torch.dtype, Callable[[], float]]] = []
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        name = str(dt).removeprefix("torch.")
+        cases += [
+            ("store_kvcache", f"{name} block16", dt, lambda dt=dt: _store(dt, 16)),
+            ("store_kvcache", f"{name} block32", dt, lambda dt=dt: _store(dt, 32)),
+            ("rms_norm", f"{name} 257x4096", dt, lambda dt=dt: _norm(dt)),
+            ("fused_add_rms_norm", f"{name} 257x4096", dt, lambda dt=dt: _add_norm(dt)),
+            ("rotary_embedding", f"{name} llama3 T333 32/8 d128", dt, lambda dt=dt: _rotary(dt)),
+            ("silu_and_mul", f"{name} 129x(2x14336)", dt, lambda dt=dt: _silu(dt)),
+            ("paged_decode_attention", f"{name} block16 default splits", dt, lambda dt=dt: _decode(dt, 16, None)),
+            ("paged_decode_attention", f"{name} block32 1 split", dt, lambda dt=dt: _decode(dt, 32, 1)),
+            ("paged_decode_attention", f"{name} block16 8 splits", dt, lambda dt=dt: _decode(dt, 16, 8)),
+            ("extend_attention", f"{name} block16 mixed prefix+chunk", dt, lambda dt=dt: _extend(dt, 16)),
+            ("extend_attention", f"{name} block32 mixed prefix+chunk", dt, lambda dt=dt: _extend(dt, 32)),
+            ("varlen_causal_attention", f"{name} no cache", dt, lambda dt=dt: _varlen(dt)),
+        ]
+    return cases
+
+
+def run_checks() -> list[dict[str, Any]]:
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+    results = []
+    for kernel, case, dtype, fn in _cases():
+        try:
+            err = fn()
+            results.append({"kernel": kernel, "case": case, "rel_err": err, "ok": err <= TOL[dtype]})
+        except Exception as exc:  # report the failure and keep checking the other kernels
+            results.append({"kernel": kernel, "case": case, "rel_err": float("inf"), "ok": False, "error": repr(exc)})
+    return results

@@ -1,0 +1,123 @@
+"""`kvpilot serve`: the OpenAI-compatible server, engine knobs as flags named as in vLLM.
+
+uvicorn's own signal handling would stop the server with streams still open; here SIGTERM (and
+SIGINT) start a graceful drain instead, and the server exits 0 once it is done. A second signal
+aborts what is left at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+# flag dest -> EngineConfig field; a flag left unset keeps EngineConfig's default.
+_ENGINE_FLAGS = (
+    "model", "revision", "served_model_name", "dtype", "device", "load_format", "seed", "block_size",
+    "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "max_num_seqs",
+    "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "tensor_parallel_size",
+    "attention_backend", "enforce_eager",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    e = parser.add_argument_group("engine (vLLM's names)")
+    e.add_argument("--model", required=True, help="Hugging Face model directory, or 'demo'")
+    e.add_argument("--revision", help="model revision label reported in metrics (default: local)")
+    e.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--load-format", choices=["auto", "safetensors", "dummy"])
+    e.add_argument("--seed", type=int)
+    e.add_argument("--block-size", type=int, help="tokens per KV-cache block")
+    e.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory to use (0..1]")
+    e.add_argument("--num-kv-blocks", type=int, help="explicit KV pool size in blocks (overrides sizing)")
+    e.add_argument("--kv-cache-memory-bytes", type=int, help="KV pool byte budget")
+    e.add_argument("--max-num-seqs", type=int, help="most sequences in one step")
+    e.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
+    e.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    e.add_argument("--tensor-parallel-size", type=int)
+    e.add_argument("--attention-backend", choices=["auto", "torch", "triton"])
+    e.add_argument("--enforce-eager", action="store_true", default=None, help="never capture CUDA graphs")
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="bound of the engine's waiting queue; beyond it requests get 429 at once")
+    s.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request body limit (413 above)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may run after SIGTERM before they are aborted")
+    s.add_argument("--api-key", default=os.environ.get("KVPILOT_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' on /v1/* (default: $KVPILOT_API_KEY)")
+    s.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up request")
+    s.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_timeout_s = drain_timeout_s
+        self._drains: list[asyncio.Task[None]] = []
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        timeout = self._drain_timeout_s if not self._drains else 0.0
+        log.info("%s: draining (timeout %.1f s)", sig.name, timeout)
+        self._drains.append(asyncio.get_running_loop().create_task(self._drain(timeout)))
+
+    async def _drain(self, timeout_s: float) -> None:
+        from kvpilot.engine.server.app import drain
+
+        aborted = await drain(self._app, timeout_s)
+        log.info("drain done (%d aborted): shutting down", aborted)
+        self.should_exit = True
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvpilot.engine.async_engine import AsyncEngine
+    from kvpilot.engine.config import EngineConfig
+    from kvpilot.engine.server.app import ServerOptions, build_app
+
+    fields = {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
+    try:
+        config = EngineConfig(**fields)
+        options = ServerOptions(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                                drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup)
+    except ValidationError as exc:
+        log.error("invalid settings:\n%s", exc)
+        return 2
+    if args.max_waiting_requests < 1:
+        log.error("--max-waiting-requests must be at least 1")
+        return 2
+    try:
+        engine = AsyncEngine(config, max_waiting_requests=args.max_waiting_requests)
+    except (ValueError, OSError) as exc:  # no such model directory, unsupported architecture, no CUDA, ...
+        log.error("cannot load %s: %s", config.model, exc)
+        return 1
+    app = build_app(engine, options)
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                               timeout_graceful_shutdown=5, lifespan="on")
+    asyncio.run(DrainingServer(uv_config, app, options.drain_timeout_s).serve())
+    return 0

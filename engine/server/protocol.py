@@ -1,0 +1,200 @@
+"""OpenAI request bodies, as OpenAI accepts them, plus vLLM's sampling extensions.
+
+Unknown fields are refused (OpenAI answers "Unrecognized request argument"), and fields OpenAI
+defines but this engine cannot honour are accepted only at their neutral value, so a client never
+silently gets something other than what it asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+# torch.Generator takes seeds in [-2**63, 2**64); the engine adds the sample index to the seed.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 128
+
+
+def _encodable(text: str) -> str:
+    """JSON can carry lone UTF-16 surrogates (\\ud800); no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode at position {exc.start} (a lone surrogate?)") from exc
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_encodable)]
+
+
+class Unsupported(ValueError):
+    """A known OpenAI field set to a value this server does not implement."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """The fields completions and chat share."""
+
+    model: str = Field(min_length=1)
+    n: int = Field(default=1, ge=1, le=128)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    stop: Text | Annotated[list[NonEmptyText], Field(max_length=16)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extensions
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    skip_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _stop_not_empty(self) -> _SamplingRequest:
+        if self.stop == "":
+            raise ValueError("stop strings must not be empty")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def sampling_fields(self) -> dict[str, Any]:
+        """The SamplingParams fields this request sets (max_tokens and logprobs come per endpoint)."""
+        if self.logit_bias:
+            raise Unsupported("logit_bias", "logit_bias is not supported")
+        fields: dict[str, Any] = {
+            "n": self.n,
+            "seed": self.seed,
+            "stop": self.stop,
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
+            "stop_token_ids": self.stop_token_ids or [],
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+        optional = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        fields.update({k: v for k, v in optional.items() if v is not None})
+        if fields.get("top_p") == 0.0:  # OpenAI accepts 0: the limit of nucleus sampling is argmax
+            fields["top_p"], fields["temperature"] = 1.0, 0.0
+        return fields
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptInput = (
+    NonEmptyText
+    | TokenIds
+    | Annotated[list[NonEmptyText], Field(min_length=1, max_length=64)]
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=64)]
+)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: PromptInput
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1, le=128)
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One engine prompt per entry of a batched `prompt`."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def check_supported(self) -> None:
+        if self.echo:
+            raise Unsupported("echo", "echo is not supported")
+        if self.suffix:
+            raise Unsupported("suffix", "suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise Unsupported("best_of", "best_of must equal n (beam and best-of search are not supported)")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="deprecated by OpenAI; still accepted")
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _logprobs_consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def check_supported(self) -> None:
+        if self.tools:
+            raise Unsupported("tools", "tool calling is not supported")
+        if self.store:
+            raise Unsupported("store", "storing completions is not supported")
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def messages_for_template(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
