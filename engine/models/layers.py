@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from functools import cache
 from types import ModuleType
 from typing import Any
 
 import torch
+from kvpilot.kernels.rope_cache import build_rope_cache
 from torch import nn
 
 
@@ -60,34 +60,14 @@ class RMSNorm(nn.Module):
         return self.forward(residual), residual
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = scaling.get("rope_type", "default")
-    if rope_type == "linear":
-        return inv_freq / float(scaling["factor"])
-    if rope_type != "llama3":
-        return inv_freq
-    factor = float(scaling["factor"])
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_len = float(scaling["original_max_position_embeddings"])
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding from a cos/sin table indexed by absolute position."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any]) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        cos, sin = build_rope_cache(head_dim, max_positions, theta, scaling)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fused = _kernels_for(q)

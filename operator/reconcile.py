@@ -1,0 +1,196 @@
+"""One reconciliation pass for one InferenceService: read, step the rollout, converge children, write status.
+
+Handlers call `reconcile()`; it reads the object fresh (never trusts a possibly stale watch body),
+so two passes in a row — or a pass after a restart — see the same truth.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kvpilot.operator import resources as res
+from kvpilot.operator import rollout
+from kvpilot.operator.apply import Applier, with_conflict_retries
+from kvpilot.operator.config import OperatorConfig
+from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, KubeClient
+from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
+from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
+from kvpilot.operator.verify import CheckResult, judge_slo, read_slo_window, smoke_completion
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+Emit = Callable[[rollout.Event], None]
+
+
+def spec_error_message(exc: ValidationError) -> str:
+    """One line per problem, with the CRD field path, e.g. `engine.gpuMemoryUtilization: ...`."""
+    parts = []
+    for error in exc.errors():
+        path = ".".join(str(p) for p in error["loc"]) or "spec"
+        parts.append(f"spec.{path}: {error['msg']}")
+    return "; ".join(parts)
+
+
+class LiveChecks:
+    """Observations for the state machine, read from the cluster and the preview Service."""
+
+    def __init__(self, applier: Applier, spec: InferenceServiceSpec, name: str, config: OperatorConfig) -> None:
+        self.applier, self.spec, self.name, self.config = applier, spec, name, config
+
+    def ready(self, revision: str) -> bool:
+        return res.deployment_ready(self.applier.get("Deployment", res.deployment_name(self.name, revision)))
+
+    def smoke(self) -> CheckResult:
+        url = self.config.service_url(res.preview_service_name(self.name), self.applier.namespace, res.PORT)
+        return smoke_completion(url, self.spec, self._api_key())
+
+    def slo_window(self, revision: str, seconds: float) -> CheckResult | None:
+        prometheus = self.spec.monitoring.prometheus_url
+        if prometheus is None:
+            return None
+        try:
+            observation = read_slo_window(prometheus, revision, seconds)
+        except Exception as exc:  # prometheus-api-client raises several unrelated types
+            return CheckResult(ok=False, reason="PrometheusUnavailable", message=repr(exc))
+        return judge_slo(observation, self.spec.slo, check_throughput=False)
+
+    def _api_key(self) -> str | None:
+        secret_name = self.spec.engine.api_key_secret
+        if secret_name is None:
+            return None
+        secret = self.applier.client.get(SECRET, self.applier.namespace, secret_name)
+        value = ((secret or {}).get("data") or {}).get("api-key")
+        return base64.b64decode(value).decode() if value else None
+
+
+def _revision_spec(
+    applier: Applier, name: str, revision: str, current: InferenceServiceSpec
+) -> InferenceServiceSpec | None:
+    """The spec a non-desired revision was built from, kept in its ConfigMap, so drift on it can be repaired."""
+    config_map = applier.get("ConfigMap", res.deployment_name(name, revision))
+    if config_map is None:
+        return None
+    snapshot = json.loads(config_map["data"][res.SPEC_KEY])
+    return InferenceServiceSpec.model_validate({**snapshot, "replicas": current.replicas})
+
+
+def _converge(
+    applier: Applier,
+    name: str,
+    spec: InferenceServiceSpec,
+    desired: str,
+    status: InferenceServiceStatus,
+    service_monitors: bool,
+) -> None:
+    keep = rollout.revisions_to_keep(status)
+    retiring = {r.revision for r in status.retiring}
+    for revision in sorted(keep - retiring):
+        revision_spec = spec if revision == desired else _revision_spec(applier, name, revision, spec)
+        if revision_spec is None:
+            log.warning("revision %s of %s has no ConfigMap; cannot repair it", revision, name)
+            continue
+        for child in res.revision_children(name, applier.namespace, revision_spec, revision):
+            applier.ensure(child)
+    serving = status.active_revision or desired
+    preview = status.candidate_revision or serving
+    for child in res.shared_children(name, applier.namespace, serving, preview, service_monitors):
+        applier.ensure(child)
+    for kind in ("Deployment", "ConfigMap"):
+        for obj in applier.list(kind, res.pod_selector(name)):
+            revision = obj["metadata"].get("labels", {}).get(res.LABEL_REVISION)
+            if revision is not None and revision not in keep:
+                applier.delete(kind, obj["metadata"]["name"])
+
+
+def _observe_slo(
+    status: InferenceServiceStatus, spec: InferenceServiceSpec, config: OperatorConfig, at: dt.datetime
+) -> None:
+    """Read the live revision's SLO window every slo_refresh_seconds; skipped without a prometheusUrl."""
+    active = status.active_revision
+    if spec.monitoring.prometheus_url is None or active is None:
+        status.set_condition(
+            "SLOMet", None, "NotMeasured", "no spec.monitoring.prometheusUrl", status.observed_generation
+        )
+        return
+    last = status.slo
+    if (
+        last is not None
+        and last.revision == active
+        and (at - last.observed_at).total_seconds() < config.slo_refresh_seconds
+    ):
+        return
+    try:
+        observation = read_slo_window(spec.monitoring.prometheus_url, active, config.slo_window_seconds)
+    except Exception as exc:  # prometheus-api-client raises several unrelated types
+        status.set_condition("SLOMet", None, "PrometheusUnavailable", repr(exc)[:300], status.observed_generation)
+        return
+    status.slo = observation
+    status.ttft_p95_ms, status.tokens_per_second = observation.ttft_p95_ms, observation.tokens_per_second
+    verdict = judge_slo(observation, spec.slo, check_throughput=True)
+    if verdict is None:
+        status.set_condition(
+            "SLOMet", None, "NoData", "no SLO declared or no samples in the window", status.observed_generation
+        )
+    else:
+        status.set_condition("SLOMet", verdict.ok, verdict.reason, verdict.message, status.observed_generation)
+
+
+def _without_nulls(value: Any) -> Any:
+    """A merge patch deletes null keys, so the stored status never has them: compare without."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _write_status(client: KubeClient, body: dict[str, Any], status: InferenceServiceStatus) -> bool:
+    """Patch our part of status, only when it changed (a quiet pass writes nothing)."""
+    new = dump_status(status)
+    old = body.get("status") or {}
+    if _without_nulls(new) == _without_nulls({k: old.get(k) for k in new}):
+        return False
+    meta = body["metadata"]
+    with_conflict_retries(
+        lambda: client.patch(INFERENCE_SERVICE, meta["namespace"], meta["name"], {"status": new}, subresource="status"),
+        f"InferenceService/{meta['name']} status",
+    )
+    return True
+
+
+def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorConfig, emit: Emit) -> None:
+    body = client.get(INFERENCE_SERVICE, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return  # gone: its children go with it through their ownerReferences
+    generation = body["metadata"].get("generation")
+    status = load_status(body.get("status"))
+    at = now()
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except ValidationError as exc:
+        message = spec_error_message(exc)
+        previous = status.condition("Ready")
+        if previous is None or (previous.reason, previous.message) != ("InvalidSpec", message):
+            emit(rollout.Event("Warning", "InvalidSpec", message))  # once per distinct problem
+        status.set_condition("Ready", False, "InvalidSpec", message, generation)
+        status.phase = "Failed" if status.active_revision is None else "Degraded"
+        status.observed_generation = generation
+        _write_status(client, body, status)
+        return
+    desired = res.revision_of(spec)
+    applier = Applier(client, body)
+    checks = LiveChecks(applier, spec, name, config)
+    slo_checks = spec.monitoring.prometheus_url is not None
+    for event in rollout.advance(status, spec, desired, checks, at, generation, slo_checks):
+        emit(event)
+    service_monitors = spec.monitoring.service_monitor and client.has_resource(SERVICE_MONITOR)
+    _converge(applier, name, spec, desired, status, service_monitors)
+    _observe_slo(status, spec, config, at)
+    deployment = applier.get("Deployment", res.deployment_name(name, status.active_revision or desired))
+    status.ready_replicas = ((deployment or {}).get("status") or {}).get("readyReplicas", 0)
+    _write_status(client, body, status)

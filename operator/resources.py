@@ -1,0 +1,298 @@
+"""Desired state as pure functions: (name, spec, revision) -> manifests. No I/O, so plain unit tests cover it.
+
+A *revision* is a short hash of everything that goes into the pod template (model, engine, resources):
+changing any of it makes a new revision, which the rollout brings up beside the serving one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kvpilot.operator.spec import InferenceServiceSpec
+
+PORT = 8000
+MODEL_MOUNT = "/mnt/model"
+PRESTOP_SLEEP_SECONDS = 5
+GRACE_MARGIN_SECONDS = 10
+# Weights can take many minutes to load; the rollout's readyTimeoutSeconds decides when to give up.
+STARTUP_FAILURES = 180
+LABEL_REVISION = "kvpilot.dev/revision"
+LABEL_ISVC = "kvpilot.dev/inferenceservice"
+# The revision's ConfigMap keeps the spec it was built from, so it can be rebuilt after the spec moved on.
+SPEC_KEY = "spec.json"
+
+
+def _revision_inputs(spec: InferenceServiceSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", by_alias=True, include={"model", "engine", "resources"})
+
+
+def revision_of(spec: InferenceServiceSpec) -> str:
+    return hashlib.sha256(json.dumps(_revision_inputs(spec), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def base_labels(name: str) -> dict[str, str]:
+    """Labels every child carries; selecting on them finds all revisions of one InferenceService."""
+    return {
+        "app.kubernetes.io/name": "kvpilot-engine",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "engine",
+        "app.kubernetes.io/managed-by": "kvpilot",
+        LABEL_ISVC: name,
+    }
+
+
+def pod_selector(name: str, revision: str | None = None) -> dict[str, str]:
+    selector = {"app.kubernetes.io/instance": name, LABEL_ISVC: name}
+    if revision is not None:
+        selector[LABEL_REVISION] = revision
+    return selector
+
+
+def revision_labels(name: str, revision: str) -> dict[str, str]:
+    return {**base_labels(name), LABEL_REVISION: revision}
+
+
+def deployment_name(name: str, revision: str) -> str:
+    return f"{name}-{revision}"
+
+
+def preview_service_name(name: str) -> str:
+    return f"{name}-preview"
+
+
+def metrics_service_name(name: str) -> str:
+    return f"{name}-metrics"
+
+
+def _model_source(spec: InferenceServiceSpec) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(path given to --model, volumes, mounts) for the model's URI scheme."""
+    uri = spec.model.uri
+    if uri == "demo" or (uri.startswith("/") and not uri.startswith("//")):
+        return uri, [], []
+    mount = {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}
+    if uri.startswith("pvc://"):
+        claim, _, sub = uri.removeprefix("pvc://").partition("/")
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return f"{MODEL_MOUNT}/{sub}".rstrip("/"), [volume], [mount]
+    host_path = uri.removeprefix("hostpath://")
+    volume = {"name": "model", "hostPath": {"path": host_path, "type": "Directory"}}
+    return MODEL_MOUNT, [volume], [mount]
+
+
+def engine_args(spec: InferenceServiceSpec, revision: str, model_path: str) -> list[str]:
+    e = spec.engine
+    args = [
+        "--model",
+        model_path,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(PORT),
+        "--served-model-name",
+        spec.model.name,
+        "--revision",
+        revision,
+        "--gpu-memory-utilization",
+        str(e.gpu_memory_utilization),
+        "--max-num-seqs",
+        str(e.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(e.max_num_batched_tokens),
+        "--tensor-parallel-size",
+        str(e.tensor_parallel_size),
+    ]
+    if e.max_model_len is not None:
+        args += ["--max-model-len", str(e.max_model_len)]
+    args.append("--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching")
+    args += ["--drain-timeout", str(e.drain_timeout_seconds)]
+    return args + list(e.extra_args)
+
+
+def _container_resources(spec: InferenceServiceSpec) -> dict[str, Any]:
+    r = spec.resources
+    requests: dict[str, Any] = {"cpu": str(r.cpu), "memory": str(r.memory)}
+    limits: dict[str, Any] = {"memory": str(r.memory)}
+    if r.gpus_per_replica:
+        requests["nvidia.com/gpu"] = str(r.gpus_per_replica)
+        limits["nvidia.com/gpu"] = str(r.gpus_per_replica)
+    return {"requests": requests, "limits": limits}
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def pod_template(name: str, spec: InferenceServiceSpec, revision: str) -> dict[str, Any]:
+    model_path, volumes, mounts = _model_source(spec)
+    env: list[dict[str, Any]] = []
+    if spec.engine.api_key_secret:
+        key_ref = {"name": spec.engine.api_key_secret, "key": "api-key"}
+        env.append({"name": "KVPILOT_API_KEY", "valueFrom": {"secretKeyRef": key_ref}})
+    container = {
+        "name": "engine",
+        "image": spec.engine.image,
+        "command": ["kvpilot", "serve"],
+        "args": engine_args(spec, revision, model_path),
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": _container_resources(spec),
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *mounts],
+        "startupProbe": _probe("/health", 10, STARTUP_FAILURES),
+        "readinessProbe": _probe("/ready", 5, 2),
+        "livenessProbe": _probe("/health", 10, 3),
+        # Endpoints drop the pod while it sleeps, then SIGTERM starts the engine's drain.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_SECONDS)]}}},
+    }
+    grace = spec.engine.drain_timeout_seconds + PRESTOP_SLEEP_SECONDS + GRACE_MARGIN_SECONDS
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "terminationGracePeriodSeconds": grace,
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}}, *volumes],
+        "nodeSelector": dict(spec.resources.node_selector),
+        "tolerations": list(spec.resources.tolerations),
+    }
+    if spec.resources.affinity:
+        pod_spec["affinity"] = spec.resources.affinity
+    return {"metadata": {"labels": revision_labels(name, revision)}, "spec": pod_spec}
+
+
+def deployment(name: str, namespace: str, spec: InferenceServiceSpec, revision: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": deployment_name(name, revision),
+            "namespace": namespace,
+            "labels": revision_labels(name, revision),
+            "annotations": {"kvpilot.dev/model-revision": spec.model.revision},
+        },
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": pod_selector(name, revision)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": pod_template(name, spec, revision),
+        },
+    }
+
+
+def engine_config_map(name: str, namespace: str, spec: InferenceServiceSpec, revision: str) -> dict[str, Any]:
+    """The revision's engine configuration, kept beside it: what ran, for people and for the tuner."""
+    config = {
+        "revision": revision,
+        "model": spec.model.model_dump(mode="json", by_alias=True),
+        "engine": spec.engine.model_dump(mode="json", by_alias=True),
+        "args": engine_args(spec, revision, _model_source(spec)[0]),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": deployment_name(name, revision),
+            "namespace": namespace,
+            "labels": revision_labels(name, revision),
+        },
+        "data": {
+            "engine.json": json.dumps(config, indent=2, sort_keys=True),
+            SPEC_KEY: json.dumps(_revision_inputs(spec), sort_keys=True),
+        },
+    }
+
+
+def service(name: str, namespace: str, service_name: str, revision: str, role: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name,
+            "namespace": namespace,
+            "labels": {**base_labels(name), "kvpilot.dev/role": role},
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": pod_selector(name, revision),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def metrics_service(name: str, namespace: str, scrape_annotations: bool) -> dict[str, Any]:
+    """Headless, over every revision: Prometheus scrapes each pod once, candidates included."""
+    annotations = (
+        {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
+        if scrape_annotations
+        else {}
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": metrics_service_name(name),
+            "namespace": namespace,
+            "labels": {**base_labels(name), "kvpilot.dev/role": "metrics"},
+            "annotations": annotations,
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": pod_selector(name),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def service_monitor(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": name, "namespace": namespace, "labels": base_labels(name)},
+        "spec": {
+            "selector": {"matchLabels": {LABEL_ISVC: name, "kvpilot.dev/role": "metrics"}},
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
+            "podTargetLabels": [LABEL_REVISION],
+        },
+    }
+
+
+def pod_disruption_budget(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": name, "namespace": namespace, "labels": base_labels(name)},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_selector(name)}},
+    }
+
+
+def shared_children(
+    name: str, namespace: str, stable_revision: str, preview_revision: str, service_monitors: bool
+) -> list[dict[str, Any]]:
+    """Children that outlive revisions: Services (stable, preview, metrics), PDB, ServiceMonitor."""
+    children = [
+        service(name, namespace, name, stable_revision, "stable"),
+        service(name, namespace, preview_service_name(name), preview_revision, "preview"),
+        metrics_service(name, namespace, scrape_annotations=not service_monitors),
+        pod_disruption_budget(name, namespace),
+    ]
+    if service_monitors:
+        children.append(service_monitor(name, namespace))
+    return children
+
+
+def revision_children(name: str, namespace: str, spec: InferenceServiceSpec, revision: str) -> list[dict[str, Any]]:
+    return [engine_config_map(name, namespace, spec, revision), deployment(name, namespace, spec, revision)]
+
+
+def deployment_ready(obj: dict[str, Any] | None) -> bool:
+    """Ready = the controller saw this generation and every desired replica is updated and available."""
+    if not obj:
+        return False
+    want = obj.get("spec", {}).get("replicas", 1)
+    status = obj.get("status") or {}
+    seen = status.get("observedGeneration", 0) >= obj.get("metadata", {}).get("generation", 0)
+    ready = min(status.get("updatedReplicas", 0), status.get("availableReplicas", 0), status.get("readyReplicas", 0))
+    return seen and ready >= want

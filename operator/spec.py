@@ -1,0 +1,221 @@
+"""InferenceService spec: the single source of truth for the CRD schema and the operator's parsing.
+
+Field names are the CRD's (camelCase); Python attributes are snake_case. Descriptions become the
+CRD's `kubectl explain` text, so they speak to the user.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kvpilot.dev"
+VERSION = "v1alpha1"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+SINGULAR = "inferenceservice"
+SHORT_NAMES = ["kvis"]
+
+# pvc://claim[/sub/path], hostpath:///absolute/path, an absolute directory inside the image, or `demo`.
+MODEL_URI_PATTERN = r"^(demo|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?|hostpath:///.+|/.+)$"
+
+
+class CRDModel(BaseModel):
+    """Base: camelCase on the wire, unknown fields rejected (a typo is an error, not a silent no-op)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+def _preserve(kind: str) -> dict[str, Any]:
+    """Schema for a field that carries a Kubernetes core type verbatim (tolerations, affinity)."""
+    return {"type": kind, "x-kubernetes-preserve-unknown-fields": True}
+
+
+class ModelSpec(CRDModel):
+    name: str = Field(min_length=1, max_length=128, description="Name clients send as `model`.")
+    uri: str = Field(
+        pattern=MODEL_URI_PATTERN,
+        description="Where the weights live: pvc://claim/path, hostpath:///dir, an absolute directory "
+        "inside the image, or `demo` for the embedded demo model.",
+    )
+    revision: str = Field(
+        default="main",
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="Model revision label; changing it starts a blue-green rollout.",
+    )
+
+
+class EngineSpec(CRDModel):
+    image: str = Field(default="ghcr.io/kvpilot/kvpilot-engine:0.1.0", min_length=1)
+    gpu_memory_utilization: float = Field(default=0.9, ge=0.05, le=0.99)
+    max_num_seqs: int = Field(default=256, ge=1, le=4096)
+    max_num_batched_tokens: int = Field(default=8192, ge=16, le=1048576)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
+    max_model_len: int | None = Field(default=None, ge=16, description="Default: the model's own.")
+    enable_prefix_caching: bool = True
+    drain_timeout_seconds: int = Field(
+        default=30, ge=0, le=3600, description="In-flight requests get this long to finish on SIGTERM."
+    )
+    api_key_secret: str | None = Field(
+        default=None, description="Name of a Secret whose `api-key` entry becomes KVPILOT_API_KEY."
+    )
+    extra_args: list[str] = Field(default_factory=list, description="Appended to `kvpilot serve`.")
+
+
+class ResourcesSpec(CRDModel):
+    gpus_per_replica: int = Field(default=1, ge=0, le=16, description="0 runs on CPU.")
+    cpu: int | str = Field(default="4", json_schema_extra={"x-kubernetes-int-or-string": True})
+    memory: int | str = Field(default="32Gi", json_schema_extra={"x-kubernetes-int-or-string": True})
+    shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, json_schema_extra={"items": _preserve("object")})
+    affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_preserve("object"))
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: int | str) -> int | str:
+        if isinstance(value, str) and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?", value):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
+        return value
+
+
+class SLOSpec(CRDModel):
+    ttft_p95_ms: float | None = Field(default=None, gt=0, description="Time to first token, p95, ms.")
+    itl_p95_ms: float | None = Field(default=None, gt=0, description="Inter-token latency, p95, ms.")
+    min_throughput_tokens_per_second: float | None = Field(default=None, ge=0)
+
+
+class LengthDistribution(CRDModel):
+    """Token counts of a synthetic workload; `fixed` uses mean only."""
+
+    kind: Literal["fixed", "uniform", "normal"] = "uniform"
+    mean: int = Field(default=512, ge=1)
+    min: int | None = Field(default=None, ge=1)
+    max: int | None = Field(default=None, ge=1)
+    stddev: float | None = Field(default=None, ge=0)
+
+
+class RequestRatePattern(CRDModel):
+    kind: Literal["poisson", "constant", "ramp"] = "poisson"
+    requests_per_second: float | None = Field(
+        default=None, gt=0, description="Fixed arrival rate; unset lets each trial search the rate."
+    )
+    max_requests_per_second: float | None = Field(default=None, gt=0)
+
+
+class WorkloadSpec(CRDModel):
+    input_tokens: LengthDistribution = Field(default_factory=LengthDistribution)
+    output_tokens: LengthDistribution = Field(default=LengthDistribution(mean=128))
+    shared_prefix_ratio: float = Field(default=0.0, ge=0, le=1)
+    request_rate: RequestRatePattern = Field(default_factory=RequestRatePattern)
+
+
+class FloatBounds(CRDModel):
+    min: float | None = None
+    max: float | None = None
+    fixed: float | None = Field(default=None, description="Pin the knob; the tuner does not search it.")
+
+
+class IntBounds(CRDModel):
+    min: int | None = Field(default=None, ge=1)
+    max: int | None = Field(default=None, ge=1)
+    fixed: int | None = Field(default=None, ge=1, description="Pin the knob; the tuner does not search it.")
+
+
+class SearchSpaceSpec(CRDModel):
+    """Overrides of the tuner's default bounds (see the tuner's documentation for the defaults)."""
+
+    gpu_memory_utilization: FloatBounds | None = None
+    max_num_seqs: IntBounds | None = None
+    max_num_batched_tokens: IntBounds | None = None
+    tensor_parallel_size: IntBounds | None = None
+
+
+class TuningSpec(CRDModel):
+    """Closed-loop tuning against `slo`; the study itself is the tuner's (issue 6), not the operator's."""
+
+    enabled: bool = False
+    max_trials: int = Field(default=20, ge=1, le=500)
+    trial_duration_seconds: int = Field(default=120, ge=10)
+    search_space: SearchSpaceSpec = Field(default_factory=SearchSpaceSpec)
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
+    retune_below_attainment: float | None = Field(
+        default=None, gt=0, le=1, description="Re-tune when live SLO attainment drops below this share."
+    )
+
+
+class VerifySpec(CRDModel):
+    smoke_prompt: str = Field(default="Hello", min_length=1)
+    smoke_max_tokens: int = Field(default=8, ge=1, le=512)
+    timeout_seconds: float = Field(default=30, gt=0, le=600)
+    slo_check_seconds: int = Field(
+        default=0, ge=0, description="Window read from Prometheus before promotion; 0 skips it."
+    )
+
+
+class RolloutSpec(CRDModel):
+    strategy: Literal["BlueGreen"] = "BlueGreen"
+    ready_timeout_seconds: float = Field(default=900, gt=0)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    scale_down_delay_seconds: float = Field(default=60, ge=0)
+    auto_rollback: bool = True
+
+
+class MonitoringSpec(CRDModel):
+    service_monitor: bool = Field(default=True, description="Create a ServiceMonitor when its CRD exists.")
+    prometheus_url: str | None = Field(default=None, pattern=r"^https?://.+")
+
+
+class InferenceServiceSpec(CRDModel):
+    model: ModelSpec
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    replicas: int = Field(default=1, ge=0, le=100)
+    slo: SLOSpec = Field(default_factory=SLOSpec)
+    tuning: TuningSpec = Field(default_factory=TuningSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+
+    @model_validator(mode="after")
+    def _gpus_fit_tensor_parallel(self) -> InferenceServiceSpec:
+        gpus, tp = self.resources.gpus_per_replica, self.engine.tensor_parallel_size
+        if gpus == 0 and tp != 1:
+            raise ValueError("engine.tensorParallelSize must be 1 when resources.gpusPerReplica is 0 (CPU)")
+        if gpus and gpus % tp:
+            raise ValueError(f"resources.gpusPerReplica ({gpus}) must be a multiple of tensorParallelSize ({tp})")
+        return self
+
+
+# CEL rules mirroring the cross-field validators above, so a real API server rejects at admission.
+SPEC_CEL_RULES: list[dict[str, str]] = [
+    {
+        "rule": "!has(self.resources) || !has(self.resources.gpusPerReplica) || self.resources.gpusPerReplica != 0"
+        " || !has(self.engine) || !has(self.engine.tensorParallelSize) || self.engine.tensorParallelSize == 1",
+        "message": "engine.tensorParallelSize must be 1 when resources.gpusPerReplica is 0 (CPU)",
+    },
+    {
+        "rule": "!has(self.resources) || !has(self.resources.gpusPerReplica) || self.resources.gpusPerReplica == 0"
+        " || self.resources.gpusPerReplica % (has(self.engine) && has(self.engine.tensorParallelSize)"
+        " ? self.engine.tensorParallelSize : 1) == 0",
+        "message": "resources.gpusPerReplica must be a multiple of engine.tensorParallelSize",
+    },
+]
+
+# The InferenceService's name prefixes every child (Deployment `<name>-<revision>`, pods beyond it).
+MAX_NAME_LENGTH = 42
+ROOT_CEL_RULES: list[dict[str, str]] = [
+    {
+        "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (children append a revision)",
+    }
+]
+
+
+def parse_spec(raw: dict[str, Any]) -> InferenceServiceSpec:
+    """Validate a CR's spec; raises pydantic.ValidationError with every problem listed."""
+    return InferenceServiceSpec.model_validate(raw)

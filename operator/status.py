@@ -1,0 +1,154 @@
+"""InferenceService status: what the operator observed and where a rollout stands.
+
+Everything a restarted operator needs to resume lives here; the operator keeps no state in memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from kvpilot.operator.spec import CRDModel
+from pydantic import Field
+
+Phase = Literal["Pending", "Deploying", "Ready", "Upgrading", "Tuning", "Degraded", "Failed"]
+ConditionType = Literal["Ready", "Progressing", "SLOMet", "Tuned", "Degraded"]
+RolloutStep = Literal["Deploying", "Verifying", "Failed"]
+HISTORY_LIMIT = 10
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+class Condition(CRDModel):
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    last_transition_time: dt.datetime
+    observed_generation: int | None = None
+
+
+class EngineConfigStatus(CRDModel):
+    """The engine knobs a revision runs with (what the tuner searches)."""
+
+    gpu_memory_utilization: float
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    tensor_parallel_size: int
+    max_model_len: int | None = None
+    enable_prefix_caching: bool
+
+
+class SLOObservation(CRDModel):
+    revision: str
+    window_seconds: float
+    ttft_p95_ms: float | None = None
+    itl_p95_ms: float | None = None
+    tokens_per_second: float | None = None
+    observed_at: dt.datetime
+
+
+class RolloutState(CRDModel):
+    """One blue-green rollout in flight; `step` is the state machine's state."""
+
+    revision: str
+    step: RolloutStep
+    started_at: dt.datetime
+    verify_started_at: dt.datetime | None = None
+    smoke_attempts: int = 0
+    smoke_passed: bool = False
+    reason: str | None = None
+    message: str | None = None
+
+
+class RetiringRevision(CRDModel):
+    revision: str
+    delete_after: dt.datetime
+
+
+class HistoryEntry(CRDModel):
+    revision: str
+    result: Literal["Promoted", "RolledBack", "Superseded", "Failed"]
+    reason: str
+    message: str = ""
+    at: dt.datetime
+
+
+class TrialSummary(CRDModel):
+    number: int
+    revision: str | None = None
+    config: EngineConfigStatus
+    feasible: bool
+    goodput_tokens_per_second: float | None = None
+    ttft_p95_ms: float | None = None
+    itl_p95_ms: float | None = None
+
+
+class TuningStatus(CRDModel):
+    """Filled by the tuner (issue 6); the operator only carries it."""
+
+    state: Literal["Idle", "Running", "Done", "Failed"] = "Idle"
+    trials_run: int = 0
+    current_trial: TrialSummary | None = None
+    best: TrialSummary | None = None
+    study_config_map: str | None = None
+    message: str | None = None
+
+
+class InferenceServiceStatus(CRDModel):
+    phase: Phase = "Pending"
+    observed_generation: int | None = None
+    active_revision: str | None = None
+    candidate_revision: str | None = None
+    failed_revision: str | None = Field(
+        default=None, description="A rolled-back revision; not retried until the spec changes again."
+    )
+    engine_config: EngineConfigStatus | None = None
+    ready_replicas: int = 0
+    rollout: RolloutState | None = None
+    retiring: list[RetiringRevision] = Field(default_factory=list)
+    history: list[HistoryEntry] = Field(default_factory=list, max_length=HISTORY_LIMIT)
+    slo: SLOObservation | None = None
+    ttft_p95_ms: float | None = Field(default=None, description="Last observed TTFT p95 (printer column).")
+    tokens_per_second: float | None = Field(default=None, description="Last observed throughput.")
+    tuning: TuningStatus | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+    def condition(self, kind: ConditionType) -> Condition | None:
+        return next((c for c in self.conditions if c.type == kind), None)
+
+    def set_condition(
+        self, kind: ConditionType, status: bool | None, reason: str, message: str = "", generation: int | None = None
+    ) -> None:
+        """Upsert a condition; the transition time moves only when the status flips."""
+        value = "Unknown" if status is None else ("True" if status else "False")
+        old = self.condition(kind)
+        since = old.last_transition_time if old is not None and old.status == value else now()
+        new = Condition(
+            type=kind,
+            status=value,
+            reason=reason,
+            message=message,
+            last_transition_time=since,
+            observed_generation=generation,
+        )
+        self.conditions = [c for c in self.conditions if c.type != kind] + [new]
+        self.conditions.sort(key=lambda c: c.type)
+
+    def record(self, entry: HistoryEntry) -> None:
+        self.history = [*self.history, entry][-HISTORY_LIMIT:]
+
+
+def load_status(raw: dict | None) -> InferenceServiceStatus:
+    """Our part of a CR's status; keys written by others (kopf) are ignored."""
+    known = set(InferenceServiceStatus.model_fields) | {
+        f.alias for f in InferenceServiceStatus.model_fields.values() if f.alias
+    }
+    ours = {k: v for k, v in (raw or {}).items() if k in known}
+    return InferenceServiceStatus.model_validate(ours)
+
+
+def dump_status(status: InferenceServiceStatus) -> dict:
+    return status.model_dump(mode="json", by_alias=True, exclude_none=False)

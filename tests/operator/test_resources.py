@@ -1,0 +1,109 @@
+"""Pure desired-state builders: revisions, the engine's command line, volumes, probes, Services."""
+
+from __future__ import annotations
+
+from kvpilot.operator import resources as res
+from kvpilot.operator.apply import is_subset
+from kvpilot.operator.spec import parse_spec
+
+from .conftest import BASE_SPEC
+
+
+def spec(**overrides):
+    raw = {**BASE_SPEC, **overrides}
+    return parse_spec(raw)
+
+
+def test_revision_follows_the_pod_template_inputs_only():
+    base = res.revision_of(spec())
+    assert base == res.revision_of(spec()) and len(base) == 10
+    assert res.revision_of(spec(model={**BASE_SPEC["model"], "revision": "r2"})) != base
+    assert res.revision_of(spec(engine={**BASE_SPEC["engine"], "maxNumSeqs": 8})) != base
+    assert res.revision_of(spec(engine={**BASE_SPEC["engine"], "image": "other:1"})) != base
+    # Scaling, SLOs and rollout settings are not a new revision.
+    assert res.revision_of(spec(replicas=3)) == base
+    assert res.revision_of(spec(slo={"ttftP95Ms": 100})) == base
+    assert res.revision_of(spec(rollout={"readyTimeoutSeconds": 99})) == base
+
+
+def test_engine_command_line_carries_every_knob():
+    s = spec(
+        engine={
+            "maxModelLen": 2048,
+            "enablePrefixCaching": False,
+            "extraArgs": ["--seed", "1"],
+            "gpuMemoryUtilization": 0.8,
+            "maxNumSeqs": 64,
+            "maxNumBatchedTokens": 2048,
+        }
+    )
+    args = res.engine_args(s, "abc", "/m")
+    pairs = dict(zip(args[::2], args[1::2], strict=False))
+    assert pairs["--model"] == "/m" and pairs["--served-model-name"] == "demo" and pairs["--revision"] == "abc"
+    assert pairs["--gpu-memory-utilization"] == "0.8" and pairs["--max-num-seqs"] == "64"
+    assert pairs["--max-num-batched-tokens"] == "2048" and pairs["--max-model-len"] == "2048"
+    assert pairs["--tensor-parallel-size"] == "1"
+    assert "--no-enable-prefix-caching" in args and args[-2:] == ["--seed", "1"]
+
+
+def test_gpu_pod_on_a_pvc_model():
+    s = spec(
+        model={"name": "llama", "uri": "pvc://models/llama-8b"},
+        resources={"gpusPerReplica": 2, "cpu": 8, "memory": "64Gi", "shmSize": "16Gi"},
+        engine={"tensorParallelSize": 2, "drainTimeoutSeconds": 30, "apiKeySecret": "llm-key"},
+    )
+    pod = res.pod_template("llm", s, "rev1")["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["resources"]["requests"]["cpu"] == "8"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert container["args"][container["args"].index("--model") + 1] == "/mnt/model/llama-8b"
+    assert pod["terminationGracePeriodSeconds"] > 30 + res.PRESTOP_SLEEP_SECONDS
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(res.PRESTOP_SLEEP_SECONDS)]
+    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "llm-key", "key": "api-key"}
+
+
+def test_hostpath_and_image_directory_models():
+    host = res.pod_template("a", spec(model={"name": "m", "uri": "hostpath:///data/m"}), "r")["spec"]
+    assert next(v for v in host["volumes"] if v["name"] == "model")["hostPath"]["path"] == "/data/m"
+    image = res.pod_template("a", spec(model={"name": "m", "uri": "/opt/models/m"}), "r")["spec"]
+    assert [v["name"] for v in image["volumes"]] == ["dshm"]
+    assert image["containers"][0]["args"][1] == "/opt/models/m"
+
+
+def test_services_select_by_revision_and_monitoring_switches():
+    children = res.shared_children("llm", "ns", "aaa", "bbb", service_monitors=True)
+    by_name = {(c["kind"], c["metadata"]["name"]): c for c in children}
+    assert by_name[("Service", "llm")]["spec"]["selector"]["kvpilot.dev/revision"] == "aaa"
+    assert by_name[("Service", "llm-preview")]["spec"]["selector"]["kvpilot.dev/revision"] == "bbb"
+    assert "kvpilot.dev/revision" not in by_name[("Service", "llm-metrics")]["spec"]["selector"]
+    assert ("ServiceMonitor", "llm") in by_name
+    assert by_name[("Service", "llm-metrics")]["metadata"]["annotations"] == {}
+    plain = res.shared_children("llm", "ns", "aaa", "aaa", service_monitors=False)
+    assert not any(c["kind"] == "ServiceMonitor" for c in plain)
+
+
+def test_deployment_readiness_needs_the_current_generation():
+    dep = res.deployment("llm", "ns", spec(replicas=2), "r")
+    dep["metadata"]["generation"] = 2
+    assert not res.deployment_ready(dep)
+    dep["status"] = {"observedGeneration": 1, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2}
+    assert not res.deployment_ready(dep)
+    dep["status"]["observedGeneration"] = 2
+    assert res.deployment_ready(dep)
+    dep["status"]["availableReplicas"] = 1
+    assert not res.deployment_ready(dep)
+
+
+def test_subset_comparison_ignores_server_defaults_but_not_changes():
+    desired = {"spec": {"ports": [{"port": 8000}], "selector": {"a": "1"}}}
+    assert is_subset(
+        desired,
+        {"spec": {"ports": [{"port": 8000, "protocol": "TCP"}], "selector": {"a": "1"}, "clusterIP": "10.0.0.1"}},
+    )
+    assert not is_subset(desired, {"spec": {"ports": [{"port": 8000}], "selector": {"a": "2"}}})
+    assert not is_subset(desired, {"spec": {"ports": [], "selector": {"a": "1"}}})
+    # The API server drops empty lists and maps: what we send as [] or {} must not look like drift.
+    assert is_subset({"spec": {"env": [], "nodeSelector": {}, "x": 1}}, {"spec": {"x": 1}})
