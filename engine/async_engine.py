@@ -64,7 +64,7 @@ class AsyncEngine:
         self.model_revision = config.revision
         self.max_waiting_requests = max_waiting_requests
         self._streams: dict[str, RequestStream] = {}
-        self._pending = 0  # submitted, not yet seen by the loop
+        self._pending = 0  # submissions waiting for the step in progress to end
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpilot-step")
         self._lock = asyncio.Lock()
@@ -87,13 +87,19 @@ class AsyncEngine:
     ) -> RequestStream:
         if self._dead is not None or self._task is None or self._task.done():
             raise EngineDead(f"the engine is not running: {self._dead or 'not started'}")
-        if self.core.stats().num_waiting >= self.max_waiting_requests:
+        # Requests queued behind a running step count too, so a burst cannot slip past the bound.
+        if self.core.stats().num_waiting + self._pending >= self.max_waiting_requests:
             raise EngineOverloaded(f"the waiting queue is full ({self.max_waiting_requests} requests): retry later")
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, self)
-        async with self._lock:  # the core is touched only between steps
-            self.core.add_request(prompt, params, request_id, arrival_time=time.monotonic())
-            self._streams[request_id] = stream
+        arrival = time.monotonic()
+        self._pending += 1
+        try:
+            async with self._lock:  # the core is touched only between steps
+                self.core.add_request(prompt, params, request_id, arrival_time=arrival)
+                self._streams[request_id] = stream
+        finally:
+            self._pending -= 1
         self._wake.set()
         return stream
 

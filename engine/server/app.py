@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse, Response
 from kvpilot.engine.async_engine import AsyncEngine
 from kvpilot.engine.config import SamplingParams
 from kvpilot.engine.server import errors
-from kvpilot.engine.server.admission import AdmissionGate
 from kvpilot.engine.server.chat import create_chat_completion
 from kvpilot.engine.server.completions import create_completion
 from kvpilot.engine.server.errors import APIError, ErrorResponse
@@ -77,7 +76,7 @@ def build_app(engine: AsyncEngine, options: ServerOptions | None = None) -> Fast
     options = options or ServerOptions()
     lifecycle = Lifecycle()
     metrics = ServerMetrics(engine.config, engine.model_revision, engine.stats)
-    ctx = ServingContext(engine, metrics, lifecycle, engine.config.name, AdmissionGate(engine.max_waiting_requests))
+    ctx = ServingContext(engine, metrics, lifecycle, engine.config.name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -17,7 +17,6 @@ from kvpilot.engine.config import SamplingParams
 from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestRejected
 from kvpilot.engine.outputs import RequestOutput
 from kvpilot.engine.server import errors
-from kvpilot.engine.server.admission import AdmissionGate
 from kvpilot.engine.server.lifecycle import Lifecycle
 from kvpilot.engine.server.metrics import RequestObserver, ServerMetrics
 from starlette.requests import Request
@@ -33,7 +32,6 @@ class ServingContext:
     metrics: ServerMetrics
     lifecycle: Lifecycle
     model_name: str
-    gate: AdmissionGate
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _token_texts: dict[int, str] = field(default_factory=dict)
 
@@ -107,8 +105,7 @@ async def open_streams(
                 raise errors.draining()
             request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
             try:
-                with ctx.gate.admit(ctx.engine.stats().num_waiting):
-                    stream = await ctx.engine.add_request(prompt, params, request_id=request_id)
+                stream = await ctx.engine.add_request(prompt, params, request_id=request_id)
             except (RequestRejected, EngineOverloaded, EngineDead) as exc:
                 reason = {RequestRejected: "invalid", EngineOverloaded: "overload"}.get(type(exc), "dead")
                 ctx.metrics.rejected(reason)

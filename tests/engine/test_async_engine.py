@@ -58,3 +58,19 @@ async def test_waiting_queue_bound_refuses(engine: AsyncEngine) -> None:
     for s in streams:
         outs = [out async for out in s]
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+
+
+async def test_burst_during_a_step_respects_the_bound(engine: AsyncEngine) -> None:
+    """Submissions that queue behind a running step count against the bound too."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    busy = [await engine.add_request([i + 1] * 30, params) for i in range(3)]  # keep the loop stepping
+    results = await asyncio.gather(
+        *(engine.add_request([9, i + 1], params) for i in range(20)), return_exceptions=True
+    )
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    assert all(isinstance(r, EngineOverloaded) for r in results if isinstance(r, BaseException))
+    assert engine.stats().num_waiting <= engine.max_waiting_requests
+    assert len(accepted) <= engine.max_waiting_requests
+    for stream in busy + accepted:
+        outs = [out async for out in stream]
+        assert outs[-1].finished

@@ -14,7 +14,6 @@ from kvpilot.engine.engine_core import EngineStats
 from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestRejected
 from kvpilot.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvpilot.engine.server import errors
-from kvpilot.engine.server.admission import AdmissionGate
 from kvpilot.engine.server.metrics import ServerMetrics
 from kvpilot.engine.server.protocol import ChatCompletionRequest, CompletionRequest, Unsupported
 from pydantic import ValidationError
@@ -75,16 +74,6 @@ def test_validation_errors_name_the_field() -> None:
     malformed = errors.validation_error([{"type": "json_invalid", "loc": ("body", 5), "msg": "JSON decode error",
                                           "ctx": {"error": "Expecting value"}}])
     assert malformed.status == 400 and "malformed JSON" in malformed.body.error.message
-
-
-def test_admission_gate_counts_submissions_in_flight() -> None:
-    gate = AdmissionGate(bound=2)
-    # two still on their way into the engine fill the bound
-    with gate.admit(num_waiting=0), gate.admit(num_waiting=0), pytest.raises(EngineOverloaded):
-        gate.admit(num_waiting=0).__enter__()
-    with gate.admit(num_waiting=1), pytest.raises(EngineOverloaded):
-        gate.admit(num_waiting=1).__enter__()
-    assert gate.submitting == 0
 
 
 def _output(tokens: list[int], new: int, t: dict[str, float], finish: str | None = None) -> RequestOutput:
