@@ -53,7 +53,7 @@ class KVCacheManager:
         bs = self.block_size
         return tuple(seq.token_ids[index * bs : (index + 1) * bs])
 
-    def _hash_of(self, seq: Sequence, index: int) -> int:
+    def block_hash(self, seq: Sequence, index: int) -> int:
         while len(seq.block_hashes) <= index:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[i - 1] if i else None
@@ -66,7 +66,7 @@ class KVCacheManager:
             return []
         hits: list[int] = []
         for index in range((seq.num_tokens - 1) // self.block_size):
-            block_id = self.cached.get(self._hash_of(seq, index))
+            block_id = self.cached.get(self.block_hash(seq, index))
             if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(seq, index):
                 break
             hits.append(block_id)
@@ -81,7 +81,7 @@ class KVCacheManager:
             block = self.blocks[seq.block_table[index]]
             if block.block_hash is not None:
                 continue
-            block_hash = self._hash_of(seq, index)
+            block_hash = self.block_hash(seq, index)
             if block_hash in self.cached:  # an identical block was computed concurrently; keep that one
                 continue
             block.block_hash, block.token_ids = block_hash, self._block_tokens(seq, index)

@@ -78,6 +78,8 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         now = time.monotonic()
+        in_flight = self._prefix_blocks_in_flight()
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             parent = seq.parent
@@ -88,6 +90,9 @@ class Scheduler:
             ):
                 break  # FCFS: the sibling waits for its parent's prompt, to share its blocks
             shared = self._shareable(seq)
+            if self._next_block_in_flight(seq, len(shared), in_flight):
+                deferred.append(self.waiting.popleft())  # its prefix is being computed: share it next step
+                continue
             cached_tokens = len(shared) * self.kv.block_size
             n = min(seq.num_tokens - cached_tokens, budget)
             if not self.kv.can_allocate(seq, n, shared):
@@ -104,6 +109,29 @@ class Scheduler:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
                 metrics.num_cached_tokens = cached_tokens
+            if self.kv.enable_prefix_caching:
+                in_flight.update(self._uncomputed_prompt_blocks(seq))
+        self.waiting.extendleft(reversed(deferred))
+
+    def _uncomputed_prompt_blocks(self, seq: Sequence) -> list[int]:
+        bs = self.kv.block_size
+        return [self.kv.block_hash(seq, i) for i in range(seq.num_computed_tokens // bs, seq.num_prompt_tokens // bs)]
+
+    def _prefix_blocks_in_flight(self) -> set[int]:
+        """Hashes of full prompt blocks that running sequences have yet to compute."""
+        if not self.kv.enable_prefix_caching:
+            return set()
+        return {h for seq in self.running for h in self._uncomputed_prompt_blocks(seq)}
+
+    def _next_block_in_flight(self, seq: Sequence, num_shared: int, in_flight: set[int]) -> bool:
+        """Whether the first block this sequence would compute is already being computed by another.
+
+        Admitting it now would compute the same prefix twice; a step or two later it is a cache hit
+        (the cache-aware admission SGLang's scheduler is known for).
+        """
+        if not in_flight or num_shared >= (seq.num_tokens - 1) // self.kv.block_size:
+            return False
+        return self.kv.block_hash(seq, num_shared) in in_flight
 
     def _shareable(self, seq: Sequence) -> list[int]:
         """Blocks the sequence can adopt: its parent's computed prompt blocks, else prefix-cache hits."""

@@ -48,3 +48,16 @@ def test_preempted_request_resumes_with_same_output(tiny_model) -> None:
     assert tight.stats().num_preemptions > 0
     assert done["a"].outputs[0].token_ids == expected
     assert done["a"].metrics.num_preemptions + done["b"].metrics.num_preemptions > 0
+
+
+def test_requests_sharing_a_prefix_wait_for_it_instead_of_recomputing(tiny_model) -> None:
+    core = EngineCore(EngineConfig(model=str(tiny_model("llama")), max_num_batched_tokens=256))
+    prefix = list(range(1, 65))  # four full blocks
+    for i in range(4):
+        core.add_request(prefix + [100 + i, 7], SamplingParams(max_tokens=3, ignore_eos=True), request_id=f"r{i}")
+    first = core.scheduler.schedule()
+    assert [s.request.request_id for s, _ in first.scheduled] == ["r0"], "the others wait for r0's prefix"
+    while core.has_unfinished:
+        core.step()
+    stats = core.stats()
+    assert stats.prefix_cache_hits == 3 * 64
