@@ -102,6 +102,7 @@ def run_workload(
         f"(floor {result['floor_output_tok_s']}, {result['fraction_of_floor']:.0%} of it)",
         flush=True,
     )
+    llm.core.close()
     del llm
     gc.collect()
     torch.cuda.empty_cache()

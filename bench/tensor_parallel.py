@@ -1,0 +1,94 @@
+"""Tensor parallelism: throughput and batch-1 latency at a given TP size, or TP=2 against TP=1 parity.
+
+Each configuration runs in its own process (`python -m bench.tensor_parallel --tp 2 --shape llama-3.1-8b`),
+so one engine's memory never shadows the next. Floors count every GPU's bandwidth and peak (communication
+is not in the floor). `--parity` compares greedy TP=2 and TP=1 outputs on 8 prompts x 32 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+from typing import Any
+
+import torch
+from kvpilot.engine import SamplingParams
+
+from bench.common import provenance, write_result
+from bench.engine_common import SHAPES, make_llm, measured_device
+from bench.floors import Device, decode_step_floor_s
+from bench.latency import decode_ms_per_step
+from bench.throughput import nano_vllm_workload, random_fixed_workload, run_workload
+
+SHAPES.setdefault("llama-3.1-70b", SHAPES["llama-3.1-8b"].parent / "llama-3.1-70b")
+
+
+def measure(shape: str, tp: int, workloads: list[str]) -> dict[str, Any]:
+    one, ceilings = measured_device()
+    dev = Device(one.bandwidth_Bps * tp, one.peak_flops * tp)
+    result: dict[str, Any] = {**provenance(), "shape": shape, "tensor_parallel_size": tp, "ceilings_per_gpu": ceilings}
+    engine = {"tensor_parallel_size": tp, "max_num_batched_tokens": 8192}
+    if "random" in workloads:
+        prompts, params = random_fixed_workload()
+        result["random-256-256x1000"] = run_workload(
+            "random-256-256x1000", shape, prompts, params, dev, max_num_seqs=512, **engine
+        )
+    if "nano" in workloads:
+        prompts, params = nano_vllm_workload()
+        result["nano-vllm"] = run_workload("nano-vllm", shape, prompts, params, dev, max_num_seqs=256, **engine)
+    llm = make_llm(shape, max_num_seqs=8, **engine)
+    ms = decode_ms_per_step(llm, 1)
+    floor = 1000 * decode_step_floor_s(llm.core.arch, dev, 1, 168)
+    result["batch1_decode"] = {
+        "ms_per_step": round(ms, 3),
+        "floor_ms": round(floor, 3),
+        "fraction": round(floor / ms, 3),
+    }
+    print(f"[{shape} TP={tp}] batch-1 decode {ms:.2f} ms/step (floor {floor:.2f})", flush=True)
+    llm.core.close()
+    return result
+
+
+def greedy(tp: int, dtype: str, prompts: list[list[int]]) -> list[Any]:
+    llm = make_llm("llama-3.1-8b", tensor_parallel_size=tp, dtype=dtype, max_num_seqs=16)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=0))
+    llm.core.close()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return [o.outputs[0] for o in outs]
+
+
+def parity() -> dict[str, Any]:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, 100000) for _ in range(rng.randint(16, 600))] for _ in range(8)]
+    result: dict[str, Any] = {**provenance(), "prompts": 8, "tokens": 32}
+    for dtype in ("float32", "bfloat16"):
+        one, two = greedy(1, dtype, prompts), greedy(2, dtype, prompts)
+        rows = []
+        for a, b in zip(one, two, strict=True):
+            same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y), 32)
+            deltas = [abs(x.logprob - y.logprob) for x, y in zip(a.logprobs[:same], b.logprobs[:same], strict=True)]
+            rows.append({"matching_tokens": same, "max_logprob_delta": round(max(deltas, default=0.0), 5)})
+        result[dtype] = {"per_prompt": rows, "all_tokens_match": all(r["matching_tokens"] == 32 for r in rows)}
+        print(dtype, result[dtype], flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--workloads", default="random")
+    parser.add_argument("--parity", action="store_true")
+    args = parser.parse_args()
+    if args.parity:
+        write_result("tp_parity", parity())
+        return
+    result = measure(args.shape, args.tp, args.workloads.split(","))
+    write_result(f"tp-{args.shape}-tp{args.tp}", result)
+
+
+if __name__ == "__main__":
+    main()
