@@ -8,6 +8,7 @@ is not in the floor). `--parity` compares greedy TP=2 and TP=1 outputs on 8 prom
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import random
 from typing import Any
@@ -24,11 +25,17 @@ from bench.throughput import nano_vllm_workload, random_fixed_workload, run_work
 SHAPES.setdefault("llama-3.1-70b", SHAPES["llama-3.1-8b"].parent / "llama-3.1-70b")
 
 
-def measure(shape: str, tp: int, workloads: list[str]) -> dict[str, Any]:
+def measure(shape: str, tp: int, workloads: list[str], eager: bool) -> dict[str, Any]:
     one, ceilings = measured_device()
     dev = Device(one.bandwidth_Bps * tp, one.peak_flops * tp)
-    result: dict[str, Any] = {**provenance(), "shape": shape, "tensor_parallel_size": tp, "ceilings_per_gpu": ceilings}
-    engine = {"tensor_parallel_size": tp, "max_num_batched_tokens": 8192}
+    result: dict[str, Any] = {
+        **provenance(),
+        "shape": shape,
+        "tensor_parallel_size": tp,
+        "cuda_graphs": not eager,
+        "ceilings_per_gpu": ceilings,
+    }
+    engine = {"tensor_parallel_size": tp, "max_num_batched_tokens": 8192, "enforce_eager": eager}
     if "random" in workloads:
         prompts, params = random_fixed_workload()
         result["random-256-256x1000"] = run_workload(
@@ -82,12 +89,16 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--workloads", default="random")
     parser.add_argument("--parity", action="store_true")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--hang-dump-s", type=float, default=0, help="print every thread's stack after this long")
     args = parser.parse_args()
+    if args.hang_dump_s:
+        faulthandler.dump_traceback_later(args.hang_dump_s, exit=True)
     if args.parity:
         write_result("tp_parity", parity())
         return
-    result = measure(args.shape, args.tp, args.workloads.split(","))
-    write_result(f"tp-{args.shape}-tp{args.tp}", result)
+    result = measure(args.shape, args.tp, args.workloads.split(","), args.eager)
+    write_result(f"tp-{args.shape}-tp{args.tp}{'-eager' if args.eager else ''}", result)
 
 
 if __name__ == "__main__":
