@@ -5,9 +5,11 @@ a fresh `kvpilot serve` (Llama-3.1-8B shape, dummy weights, bf16), the per-trial
 load generator, latencies from the server's own histograms. When the grid is complete it is written as
 a Surface and replayed (Optuna vs grid vs random over 20 seeds), including the tuned-over-default ratio.
 
-A point takes about a minute, so the run is resumable: each finished point is appended to
-bench/results/tuner-surface-h100[-GRID].partial.json (and $OUT), and `--resume` skips what is there. Run from the
-repo root: `python -m bench.tuner_surface [--resume PARTIAL.json] [--time-budget-s 540] [--grid small|full]`.
+A point takes about a minute (server start, three load steps), so the run is resumable: each finished point
+is appended to bench/results/tuner-surface-h100[-GRID].partial.json (and $OUT), and `--resume` skips what is
+there. The trial servers run as `python -m kvpilot serve`, so the checkout must be pip-installed (`pip install
+-e . --no-deps`). From the repo root: `python -m bench.tuner_surface [--grid smoke|small|medium|full]
+[--resume PARTIAL.json] [--time-budget-s 540]`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,14 @@ from bench.engine_common import SHAPES
 GRIDS: dict[str, dict[str, list[float | int]]] = {
     # 2 points: a smoke test of the recorder itself (e.g. `--model demo` on CPU)
     "smoke": {"gpu_memory_utilization": [0.90], "max_num_seqs": [8, 256], "max_num_batched_tokens": [8192]},
-    # 3 x 4 x 4 = 48 points: about an hour; the default configuration (0.90, 256, 8192) is on it
+    # 2 x 3 x 3 = 18 points, about 20 minutes: fits one session's device budget; holds the default (0.90, 256, 8192)
     "small": {
+        "gpu_memory_utilization": [0.90, 0.95],
+        "max_num_seqs": [64, 256, 1024],
+        "max_num_batched_tokens": [512, 2048, 8192],
+    },
+    # 3 x 4 x 4 = 48 points, about an hour
+    "medium": {
         "gpu_memory_utilization": [0.80, 0.90, 0.95],
         "max_num_seqs": [32, 128, 256, 512],
         "max_num_batched_tokens": [512, 2048, 8192, 16384],
@@ -52,8 +60,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--slo-itl-p95-ms", type=float, default=50.0)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--step-seconds", type=float, default=10.0)
-    p.add_argument("--rate-steps", type=int, default=4)
+    p.add_argument("--step-seconds", type=float, default=6.0)
+    p.add_argument("--rate-steps", type=int, default=3)
     p.add_argument("--start-rate", type=float, default=4.0)
     p.add_argument("--resume", type=Path, help="a partial file from an earlier run: its points are not re-measured")
     p.add_argument("--time-budget-s", type=float, default=540.0, help="stop starting points after this long")

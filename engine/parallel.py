@@ -68,7 +68,12 @@ def init_process_group(rank: int, size: int, port: int, device_type: str) -> TPG
 
 
 def destroy_process_group() -> None:
-    if dist.is_initialized():
+    """Leave the group so another engine can form one; NCCL groups are left to process exit.
+
+    Tearing down an NCCL communicator that CUDA graphs captured hangs (seen on 2xH200, torch 2.11),
+    so on CUDA one tensor-parallel engine per process is the rule.
+    """
+    if dist.is_initialized() and dist.get_backend() == "gloo":
         dist.destroy_process_group()
 
 
