@@ -82,10 +82,9 @@ def hf_baselines(shape: str, prompts: list[list[int]], batch: int = 64) -> dict[
     }
 
 
-def run_workload(
-    name: str, shape: str, prompts: list[list[int]], params: list[SamplingParams], dev: Device, **engine: Any
+def measure_workload(
+    llm: Any, name: str, shape: str, prompts: list[list[int]], params: list[SamplingParams], dev: Device
 ) -> dict[str, Any]:
-    llm = make_llm(shape, **engine)
     result = timed_generate(llm, prompts, params)
     reqs = [(len(p), sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
     floor_s = workload_floor_s(llm.core.arch, dev, reqs, llm.config.max_num_seqs)
@@ -102,6 +101,14 @@ def run_workload(
         f"(floor {result['floor_output_tok_s']}, {result['fraction_of_floor']:.0%} of it)",
         flush=True,
     )
+    return result
+
+
+def run_workload(
+    name: str, shape: str, prompts: list[list[int]], params: list[SamplingParams], dev: Device, **engine: Any
+) -> dict[str, Any]:
+    llm = make_llm(shape, **engine)
+    result = measure_workload(llm, name, shape, prompts, params, dev)
     llm.core.close()
     del llm
     gc.collect()
