@@ -54,7 +54,7 @@ def test_requests_sharing_a_prefix_wait_for_it_instead_of_recomputing(tiny_model
     core = EngineCore(EngineConfig(model=str(tiny_model("llama")), max_num_batched_tokens=256))
     prefix = list(range(1, 65))  # four full blocks
     for i in range(4):
-        core.add_request(prefix + [100 + i, 7], SamplingParams(max_tokens=3, ignore_eos=True), request_id=f"r{i}")
+        core.add_request([*prefix, 100 + i, 7], SamplingParams(max_tokens=3, ignore_eos=True), request_id=f"r{i}")
     first = core.scheduler.schedule()
     assert [s.request.request_id for s, _ in first.scheduled] == ["r0"], "the others wait for r0's prefix"
     while core.has_unfinished:
