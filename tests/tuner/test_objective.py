@@ -76,3 +76,19 @@ def test_headroom_keeps_the_credited_rate_clear_of_the_slo() -> None:
     search.record(m(4, 100, ttft=0.17))  # under 200 ms but over 160 ms: not credited
     assert search.best is None and search.next_rate() == 2
     assert SLO_.tightened(0.2).ttft_p95_ms == pytest.approx(160)
+
+
+def test_the_credited_rate_must_hold_over_the_confirm_step() -> None:
+    from kvpilot.tuner.objective import confirmed_outcome
+
+    search = RateSearch(SLO_, RateSearchSettings(start_rate=4, steps=3, headroom=0))
+    for step in (m(4, 100), m(8, 200), m(16, 300, ttft=0.5)):
+        search.record(step)
+    held = confirmed_outcome(search, m(8, 190), gpus=1)
+    assert held.status == "ok" and held.goodput_tokens_per_s == 190 and len(held.steps) == 4
+    broke = confirmed_outcome(search, m(8, 180, ttft=0.3), gpus=1)
+    assert broke.status == "ok" and broke.request_rate == 4 and broke.goodput_tokens_per_s == 100
+    assert "did not hold over the confirm step" in broke.reason
+    alone = RateSearch(SLO_, RateSearchSettings(start_rate=4, steps=1, headroom=0))
+    alone.record(m(4, 100))
+    assert confirmed_outcome(alone, m(4, 90, itl=0.2), gpus=1).status == "slo_unmet"

@@ -50,6 +50,7 @@ def test_pareto_front_keeps_points_no_other_beats_on_both_axes() -> None:
     (["--search", "no_such_knob=1:2"], "cannot override 'no_such_knob'"),
     (["--enqueue", '{"max_num_seqs": 100000}'], "outside the search space"),
     (["--trials", "0"], "--trials must be at least 1"),
+    (["--prometheus-url", "http://127.0.0.1:9"], "--prometheus-url needs --engine-port"),
 ])
 def test_cli_rejects_bad_input_with_a_clear_error(tmp_path: Path, extra: list[str], message: str,
                                                   caplog: pytest.LogCaptureFixture) -> None:

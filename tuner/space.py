@@ -1,0 +1,213 @@
+"""The search space: which engine knobs a study varies, their bounds, and what is pinned.
+
+Knob names are EngineConfig's (vLLM's), so a sampled configuration becomes `kvpilot serve` flags or an
+InferenceService's `engine` block without translation. On a GPU the memory knob is
+`gpu_memory_utilization`; on CPU that knob does nothing (the KV pool is sized by blocks), so the CPU
+space tunes `num_kv_blocks` instead and says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Knob(BaseModel):
+    """One tunable engine setting: a float or int range (log scale optional), a fixed value, or a choice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: Literal["float", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[int, ...] | None = None
+    fixed: float | None = Field(default=None, description="pinned: the study does not search it")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Knob:
+        if self.fixed is not None:
+            return self
+        if self.kind == "choice":
+            if not self.choices:
+                raise ValueError(f"{self.name}: a choice knob needs at least one choice")
+            return self
+        if self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"{self.name}: bounds must satisfy low <= high (got {self.low}, {self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"{self.name}: a log-scale knob needs low > 0 (got {self.low})")
+        return self
+
+    @property
+    def searched(self) -> bool:
+        return self.fixed is None and not (self.kind == "choice" and len(self.choices or ()) == 1) and not (
+            self.kind != "choice" and self.low == self.high
+        )
+
+    def value(self, raw: float) -> float | int:
+        return round(raw) if self.kind in ("int", "choice") else float(raw)
+
+    def pinned_value(self) -> float | int:
+        """The only value of a knob that is not searched."""
+        if self.fixed is not None:
+            return self.value(self.fixed)
+        if self.kind == "choice":
+            return (self.choices or (0,))[0]
+        return self.value(self.low or 0.0)
+
+    def contains(self, value: float) -> bool:
+        if not self.searched:
+            return value == self.pinned_value()
+        if self.kind == "choice":
+            return value in (self.choices or ())
+        return float(self.low or 0.0) <= value <= float(self.high or 0.0)
+
+    def unit(self, value: float) -> float:
+        """Position of `value` in [0, 1] along the knob's own scale: distances for the neighbourhood penalty."""
+        if self.kind == "choice":
+            choices = sorted(self.choices or ())
+            lo, hi = math.log(choices[0]), math.log(choices[-1])
+            return 0.0 if hi == lo else (math.log(value) - lo) / (hi - lo)
+        lo, hi = float(self.low or 0.0), float(self.high or 0.0)
+        if hi == lo:
+            return 0.0
+        if self.log:
+            return (math.log(value) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return (value - lo) / (hi - lo)
+
+
+class Bounds(BaseModel):
+    """An override from `spec.tuning.searchSpace` (or the CLI): narrower bounds, or a pinned value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: float | None = None
+    max: float | None = None
+    fixed: float | None = None
+
+
+class Suggester(Protocol):
+    """What Optuna's Trial offers; a protocol so the space can be tested without a study."""
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float: ...
+    def suggest_int(self, name: str, low: int, high: int, *, log: bool = False) -> int: ...
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: Literal["gpu", "cpu"]
+    knobs: tuple[Knob, ...]
+    note: str = Field(default="", description="shown to the user: what the memory knob means here")
+
+    def knob(self, name: str) -> Knob:
+        for k in self.knobs:
+            if k.name == name:
+                return k
+        raise KeyError(f"no knob {name!r} in the search space (have {[k.name for k in self.knobs]})")
+
+    def suggest(self, trial: Suggester) -> dict[str, float | int]:
+        """Sample one configuration: searched knobs through the trial, pinned ones as they are."""
+        params: dict[str, float | int] = {}
+        for k in self.knobs:
+            if not k.searched:
+                params[k.name] = k.pinned_value()
+            elif k.kind == "choice":
+                params[k.name] = int(trial.suggest_categorical(k.name, list(k.choices or ())))
+            elif k.kind == "int":
+                params[k.name] = trial.suggest_int(k.name, int(k.low or 1), int(k.high or 1), log=k.log)
+            else:
+                params[k.name] = trial.suggest_float(k.name, float(k.low or 0.0), float(k.high or 0.0), log=k.log)
+        return params
+
+    def canonical(self, params: Mapping[str, float | int]) -> dict[str, float | int]:
+        """Rounded so equal configurations compare equal (floats to 3 decimals, ints as ints)."""
+        out: dict[str, float | int] = {}
+        for k in self.knobs:
+            if k.name not in params:
+                raise ValueError(f"configuration lacks {k.name!r}: {dict(params)}")
+            v = k.value(params[k.name])
+            out[k.name] = round(v, 3) if isinstance(v, float) else v
+        return out
+
+    def distance(self, a: Mapping[str, float | int], b: Mapping[str, float | int]) -> float:
+        """Largest per-knob gap in unit coordinates (Chebyshev): 'near' means near in every knob."""
+        gaps = [abs(k.unit(a[k.name]) - k.unit(b[k.name])) for k in self.knobs if k.searched]
+        return max(gaps, default=0.0)
+
+    def with_overrides(self, overrides: Mapping[str, Bounds | Mapping[str, Any] | None]) -> SearchSpace:
+        """Apply `spec.tuning.searchSpace`-style bounds; an unknown knob name is an error, not a no-op."""
+        names = {k.name for k in self.knobs}
+        knobs = list(self.knobs)
+        for name, raw in overrides.items():
+            if raw is None:
+                continue
+            if name not in names:
+                raise ValueError(f"cannot override {name!r}: the {self.target} search space has {sorted(names)}")
+            b = raw if isinstance(raw, Bounds) else Bounds.model_validate(raw)
+            i = next(i for i, k in enumerate(knobs) if k.name == name)
+            k = knobs[i]
+            if k.kind == "choice":
+                allowed = tuple(c for c in (k.choices or ()) if (b.min is None or c >= b.min)
+                                and (b.max is None or c <= b.max))
+                if b.fixed is not None and b.fixed not in (k.choices or ()):
+                    raise ValueError(f"{name}: fixed value {b.fixed} is not among {k.choices}")
+                if not allowed and b.fixed is None:
+                    raise ValueError(f"{name}: no choice of {k.choices} lies in [{b.min}, {b.max}]")
+                knobs[i] = k.model_copy(update={"choices": allowed or k.choices, "fixed": b.fixed})
+            else:
+                knobs[i] = Knob(name=k.name, kind=k.kind, log=k.log, fixed=b.fixed,
+                                low=k.low if b.min is None else b.min, high=k.high if b.max is None else b.max)
+        return self.model_copy(update={"knobs": tuple(knobs)})
+
+
+def divisors(n: int) -> tuple[int, ...]:
+    if n < 1:
+        raise ValueError(f"GPU count must be at least 1 (got {n})")
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+def gpu_space(gpus: int = 1) -> SearchSpace:
+    """Issue 6's defaults for a GPU deployment."""
+    return SearchSpace(
+        target="gpu",
+        knobs=(
+            Knob(name="gpu_memory_utilization", kind="float", low=0.70, high=0.95),
+            Knob(name="max_num_seqs", kind="int", low=8, high=1024, log=True),
+            Knob(name="max_num_batched_tokens", kind="int", low=256, high=32768, log=True),
+            Knob(name="tensor_parallel_size", kind="choice", choices=divisors(gpus)),
+        ),
+        note="memory knob: gpu_memory_utilization (share of GPU memory; the KV pool takes what is left)",
+    )
+
+
+def cpu_space(max_model_len: int) -> SearchSpace:
+    """For the CPU engine, where gpu_memory_utilization has no effect: the KV pool is tuned in blocks.
+
+    The lower bound of `num_kv_blocks` lets the study find out for itself that a pool smaller than one
+    sequence is infeasible; the upper one is a modest memory budget for the demo model.
+    """
+    return SearchSpace(
+        target="cpu",
+        knobs=(
+            Knob(name="num_kv_blocks", kind="int", low=2, high=512, log=True),
+            Knob(name="max_num_seqs", kind="int", low=1, high=64, log=True),
+            Knob(name="max_num_batched_tokens", kind="int", low=max(16, max_model_len // 8), high=4096, log=True),
+            Knob(name="tensor_parallel_size", kind="choice", choices=(1,)),
+        ),
+        note="CPU: gpu_memory_utilization has no effect here, so the memory knob is num_kv_blocks "
+        "(KV pool size in blocks of 16 tokens)",
+    )
+
+
+def engine_flags(params: Mapping[str, float | int]) -> list[str]:
+    """`kvpilot serve` flags for a configuration (vLLM's spelling: underscores become dashes)."""
+    flags: list[str] = []
+    for name, value in params.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
