@@ -1,0 +1,301 @@
+"""The scenarios of issue 7, run in order against one InferenceService while the steady client streams.
+
+Each returns a `Result`; its summary line holds requests sent / failed (steady client, during the
+scenario), time to Ready and time to switch. A failed assertion fails the scenario, not the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kvpilot.operator.resources import LABEL_REVISION, deployment_name
+
+from e2e.cluster import Cluster, condition, wait_for
+from e2e.report import Result, first_failure
+from e2e.traffic import Outcome, SteadyClient, burst
+
+NAME = "demo"
+MODEL = "demo"
+READY_TIMEOUT_S = 90
+BROKEN_READY_TIMEOUT_S = 15
+REFUSAL_LIMIT_S = 10.0  # a refusal must come fast; only contention on 2 shared cores makes it take seconds
+
+
+def base_spec(prometheus_url: str) -> dict[str, Any]:
+    return {
+        "model": {"name": MODEL, "uri": "demo", "revision": "r1"},
+        "engine": {
+            "image": "kvpilot/engine:cpu",
+            "drainTimeoutSeconds": 3,
+            "maxNumSeqs": 4,
+            "maxModelLen": 128,
+            "extraArgs": ["--max-waiting-requests", "4"],
+        },
+        "resources": {"gpusPerReplica": 0, "cpu": "1", "memory": "2Gi", "shmSize": "64Mi"},
+        "replicas": 1,
+        "slo": {"ttftP95Ms": 5000, "itlP95Ms": 2000},
+        "rollout": {
+            "readyTimeoutSeconds": READY_TIMEOUT_S,
+            "scaleDownDelaySeconds": 2,
+            "verify": {"timeoutSeconds": 10, "smokeMaxTokens": 4},
+        },
+        "monitoring": {"serviceMonitor": False, "prometheusUrl": prometheus_url},
+    }
+
+
+class Scenarios:
+    def __init__(self, cluster: Cluster, client: SteadyClient) -> None:
+        self.c, self.client = cluster, client
+        self.spec = base_spec(cluster.prometheus.url)
+
+    async def _detail(self) -> str:
+        status = await self.c.status(NAME)
+        return f"status: {status}\noperator alive: {self.c.operator.alive()}"
+
+    async def _patch_spec(self, change: Callable[[dict[str, Any]], None]) -> None:
+        change(self.spec)
+        await self.c.kube.patch("InferenceService", NAME, {"spec": copy.deepcopy(self.spec)})
+
+    def _stable_revision(self) -> str | None:
+        return self.c.proxy.selectors.get(NAME, {}).get(LABEL_REVISION)
+
+    async def _switch(self, old: str, since: float, result: Result) -> None:
+        """Times, from `since`, until a pod of a new revision is ready (as first seen by this poll) and until
+        the stable Service selects it (as the proxy sees it)."""
+        started = since
+
+        async def moved() -> bool:
+            if result.to_ready_s is None and any(
+                r.ready for name, r in self.c.node.runners.items() if self.c.node.revision.get(name) != old
+            ):
+                result.to_ready_s = time.monotonic() - started
+            return self._stable_revision() not in (None, old)
+
+        await wait_for(moved, 120, f"the stable Service to leave {old}", self._detail)
+        result.to_switch_s = time.monotonic() - started
+        new = self._stable_revision()
+
+        async def recorded() -> bool:  # the operator switches the Service first, then writes status
+            status = await self.c.status(NAME)
+            return status.get("activeRevision") == new and status.get("phase") == "Ready"
+
+        await wait_for(recorded, 30, f"status to show {new} active and Ready", self._detail)
+
+    async def _drained(self, revision: str) -> None:
+        """The old revision's pods terminated: their drain is part of what must lose nothing."""
+
+        async def gone() -> bool:
+            draining = [r for r in self.c.node.terminating if self.c.node.revision.get(r.name) == revision]
+            return not self.c.node.pods_of(revision) and all(r.finished for r in draining)
+
+        await wait_for(gone, 60, f"revision {revision}'s pods to terminate", self._detail)
+
+    def _count(self, result: Result, outcomes: list[Outcome]) -> list[Outcome]:
+        failures = [o for o in outcomes if not o.ok]
+        result.sent, result.failed = len(outcomes), len(failures)
+        return failures
+
+    async def ready(self) -> Result:
+        result = Result("apply -> Ready, SLOMet from Prometheus", False)
+        manifest = {
+            "apiVersion": "kvpilot.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": NAME},
+            "spec": copy.deepcopy(self.spec),
+        }
+        await self.c.kube.create("InferenceService", manifest)
+
+        async def is_ready() -> dict[str, Any] | None:
+            status = await self.c.status(NAME)
+            return status if status.get("phase") == "Ready" and self.c.proxy.endpoints.get(NAME) else None
+
+        _, result.to_ready_s = await wait_for(is_ready, 120, "phase Ready", self._detail)
+        mark = time.monotonic()
+        self.client.start()
+
+        async def slo_met() -> dict[str, Any] | None:
+            cond = condition(await self.c.status(NAME), "SLOMet")
+            return cond if cond.get("status") in ("True", "False") else None
+
+        cond, _ = await wait_for(slo_met, 90, "SLOMet evaluated from Prometheus", self._detail)
+        status = await self.c.status(NAME)
+        failures = self._count(result, self.client.since(mark))
+        result.passed = cond["status"] == "True" and not failures and result.sent > 0
+        result.note = (
+            f"SLOMet={cond['status']} ({cond.get('reason')}: {cond.get('message')}); "
+            f"TTFT p95 {status.get('ttftP95Ms')} ms, {status.get('tokensPerSecond')} tok/s"
+        )
+        return result
+
+    async def tuning(self) -> Result:
+        return Result(
+            "tuning >= 4 trials -> best promoted",
+            None,
+            note="not runnable: the operator does not act on spec.tuning (operator/reconcile.py never drives "
+            "tuner/cluster.py's state machine), so no trial can run in a cluster",
+        )
+
+    async def upgrade(self) -> Result:
+        result = Result("model revision upgrade -> blue-green switch", False)
+        old = (await self.c.status(NAME))["activeRevision"]
+        mark = time.monotonic()
+        await self._patch_spec(lambda s: s["model"].update(revision="r2"))
+        await self._switch(old, mark, result)
+        status = await self.c.status(NAME)
+        await self._drained(old)
+        failures = self._count(result, self.client.since(mark))
+        result.passed = not failures and status.get("phase") == "Ready" and result.sent > 0
+        result.note = f"{old} -> {status.get('activeRevision')}, old pods drained" + first_failure(failures)
+        return result
+
+    async def broken(self) -> Result:
+        result = Result("broken revision (bad model path) -> automatic rollback", False)
+        status = await self.c.status(NAME)
+        active = status["activeRevision"]
+        mark = time.monotonic()
+
+        def breaks(s: dict[str, Any]) -> None:
+            s["model"].update(uri="/models/does-not-exist", revision="r3-broken")
+            s["rollout"]["readyTimeoutSeconds"] = BROKEN_READY_TIMEOUT_S
+
+        await self._patch_spec(breaks)
+        selectors: set[str | None] = set()
+
+        async def rolled_back() -> dict[str, Any] | None:
+            selectors.add(self._stable_revision())
+            current = await self.c.status(NAME)
+            return current if current.get("failedRevision") else None
+
+        current, rolled_back_s = await wait_for(rolled_back, 90, "automatic rollback", self._detail)
+        failed_revision = current["failedRevision"]
+        routed = sum(n for pod, n in self.c.proxy.routed.items() if self.c.node.revision.get(pod) == failed_revision)
+        degraded = condition(current, "Degraded")
+        candidate_gone = await self.c.kube.get("Deployment", deployment_name(NAME, failed_revision)) is None
+
+        def reverts(s: dict[str, Any]) -> None:
+            s["model"].update(uri="demo", revision="r2")
+            s["rollout"]["readyTimeoutSeconds"] = READY_TIMEOUT_S
+
+        await self._patch_spec(reverts)
+
+        async def ready_again() -> bool:
+            return (await self.c.status(NAME)).get("phase") == "Ready"
+
+        await wait_for(ready_again, 30, "phase Ready after the spec was reverted", self._detail)
+        failures = self._count(result, self.client.since(mark))
+        result.passed = (
+            not failures
+            and routed == 0
+            and selectors == {active}
+            and current.get("activeRevision") == active
+            and str(degraded.get("reason", "")).startswith("RolledBack")
+            and candidate_gone
+        )
+        result.note = (
+            f"rolled back {rolled_back_s:.1f}s after the patch; {failed_revision} got {routed} "
+            f"requests; stable selected {sorted(map(str, selectors))}; candidate deleted={candidate_gone}; "
+            f"Degraded {degraded.get('reason')}" + first_failure(failures)
+        )
+        return result
+
+    async def operator_restart(self) -> Result:
+        result = Result("operator killed and restarted mid-rollout", False)
+        old = (await self.c.status(NAME))["activeRevision"]
+        mark = time.monotonic()
+        await self._patch_spec(lambda s: s["model"].update(revision="r4"))
+
+        async def rolling() -> str | None:
+            candidate = (await self.c.status(NAME)).get("candidateRevision")
+            return candidate if candidate and self.c.node.pods_of(candidate) else None
+
+        candidate, _ = await wait_for(rolling, 30, "the rollout to start", self._detail)
+        self.c.operator.kill()
+        await asyncio.sleep(2)
+        self.c.operator.start()
+        await self._switch(old, mark, result)
+        status = await self.c.status(NAME)
+        await self._drained(old)
+        failures = self._count(result, self.client.since(mark))
+        result.passed = not failures and status.get("activeRevision") == candidate and status.get("phase") == "Ready"
+        result.note = (
+            f"killed during rollout of {candidate}; operator starts={self.c.operator.starts}; "
+            f"active {status.get('activeRevision')}" + first_failure(failures)
+        )
+        return result
+
+    async def _replicas(self, n: int) -> None:
+        await self._patch_spec(lambda s: s.update(replicas=n))
+
+        async def scaled() -> bool:
+            return len(self.c.proxy.endpoints.get(NAME, [])) == n
+
+        await wait_for(scaled, 60, f"{n} ready endpoints", self._detail)
+
+    async def pod_killed(self) -> Result:
+        result = Result("engine pod killed under load -> replaced", False)
+        await self._replicas(2)
+        active = (await self.c.status(NAME))["activeRevision"]
+        victim = self.c.node.pods_of(active)[0]
+        mark = time.monotonic()
+        # Longer streams beside the steady ones, so that some are mid-stream on the victim when it dies.
+        long = asyncio.ensure_future(burst(self.c.proxy.url(NAME), MODEL, n=4, max_tokens=64, timeout_s=30))
+        await asyncio.sleep(0.7)
+        victim.kill_container()
+
+        async def replaced() -> bool:
+            return victim.restarts >= 1 and victim.ready and len(self.c.proxy.endpoints.get(NAME, [])) == 2
+
+        _, result.to_ready_s = await wait_for(replaced, 60, "the killed pod to be replaced", self._detail)
+        await asyncio.sleep(1)
+        outcomes = [*self.client.since(mark), *await long]
+        failures = self._count(result, outcomes)
+        elsewhere = [o for o in failures if o.pod != victim.name]
+        hangs = [o for o in failures if o.hang]
+        await self._replicas(1)
+        result.passed = not elsewhere and not hangs and result.sent > 0
+        result.note = (
+            f"{len(failures)} failed, all on {victim.name}: {not elsewhere}; hangs {len(hangs)}; "
+            f"{sum(o.status == 200 for o in failures)} cut mid-stream with an error event, "
+            f"{sum(o.status == 502 for o in failures)} refused (502) before its endpoint was dropped"
+        )
+        return result
+
+    async def overload(self) -> Result:
+        result = Result("overload -> 429/503 with Retry-After", False)
+        mark = time.monotonic()
+        outcomes = await burst(self.c.proxy.url(NAME), MODEL, n=32, max_tokens=16, timeout_s=30)
+        refused = [o for o in outcomes if o.status in (429, 503)]
+        accepted = [o for o in outcomes if o.status == 200]
+        bad = [o for o in outcomes if o not in refused and o not in accepted]
+        no_retry_after = [o for o in refused if not o.retry_after]
+        incomplete = [o for o in accepted if not o.ok]
+        slowest_refusal = max((o.ended - o.started for o in refused), default=0.0)
+        steady = self.client.since(mark)
+        failures = self._count(result, steady)
+        steady_bad = [o for o in failures if o.status not in (429, 503) or not o.retry_after]
+        result.passed = (
+            bool(refused)
+            and slowest_refusal < REFUSAL_LIMIT_S
+            and not (bad or no_retry_after or incomplete or steady_bad)
+        )
+        result.note = (
+            f"burst 32: {len(accepted)} accepted (all complete: {not incomplete}), {len(refused)} refused "
+            f"(all with Retry-After: {not no_retry_after}, slowest {slowest_refusal:.2f}s), {len(bad)} other; "
+            f"steady failures all 429/503+Retry-After: {not steady_bad}"
+        )
+        return result
+
+    def all(self) -> list[Callable[[], Awaitable[Result]]]:
+        return [
+            self.ready,
+            self.tuning,
+            self.upgrade,
+            self.broken,
+            self.operator_restart,
+            self.pod_killed,
+            self.overload,
+        ]
