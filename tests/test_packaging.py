@@ -10,18 +10,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_operator_is_stdlib_and_ours_is_namespaced() -> None:
-    code = "import operator, kvpilot.operator as ours; print(operator.__file__); print(ours.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
-    stdlib, ours = out.stdout.split()
-    assert "site-packages" not in stdlib and not stdlib.startswith(str(ROOT))
-    assert Path(ours).parent == ROOT / "operator"
+def test_operator_folder_never_shadows_the_standard_library() -> None:
+    """operator/ has no __init__.py, so even with the repo root first on sys.path (`python -m` from the
+    root, before anything imported the standard library's operator) it cannot be found as `operator`."""
+    assert not (ROOT / "operator" / "__init__.py").exists()
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import operator; print(operator.__file__, operator.eq)"
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT)], capture_output=True, text=True, check=True)
+    assert not out.stdout.startswith(str(ROOT))
+    ours = importlib.import_module("kvpilot.operator.spec")
+    assert Path(ours.__file__).resolve().parent == ROOT / "operator"
 
 
 def test_subpackages_map_to_top_level_folders() -> None:
-    for name, folder in [("engine", "engine"), ("kernels", "kernels"), ("operator", "operator"), ("tuner", "tuner")]:
+    for name, folder in [("engine", "engine"), ("kernels", "kernels"), ("tuner", "tuner")]:
         module = importlib.import_module(f"kvpilot.{name}")
-        assert Path(module.__file__).parent == ROOT / folder
+        assert Path(module.__file__).resolve().parent == ROOT / folder
 
 
 def test_every_python_folder_is_packaged() -> None:
