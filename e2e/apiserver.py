@@ -2,7 +2,8 @@
 
 kmock stores objects as plain dicts (see /work/shared/KMOCK_NOTES.md). Added here: server-assigned
 metadata (uid, resourceVersion, generation, creationTimestamp), status-subresource separation,
-equality label selectors on lists, and garbage collection through ownerReferences.
+equality label selectors on lists, deletion marking of objects with finalizers, and garbage collection
+through ownerReferences. The operator's tests extend it (tests/operator/emulator.py).
 """
 
 from __future__ import annotations
@@ -56,15 +57,40 @@ class ApiServer(kmock.KubernetesEmulator):
         return None
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        if request.resource is not None and isinstance(request.data, dict):
-            if request.action == enums.action.CREATE:
-                self._assign_metadata(request)
-            elif request.action == enums.action.UPDATE:
-                self._bump_versions(request)
+        if request.resource is not None:
+            if request.action == enums.action.DELETE and request.name is not None:
+                marked = await self._mark_for_deletion(request)
+                if marked is not None:
+                    return marked
+            if isinstance(request.data, dict):
+                if request.action == enums.action.CREATE:
+                    self._assign_metadata(request)
+                elif request.action == enums.action.UPDATE:
+                    self._bump_versions(request)
         response = await super()._handle(request)
-        if request.resource is not None and request.action in (enums.action.CREATE, enums.action.DELETE):
-            await self._collect_garbage()
+        if request.resource is not None and request.action in (
+            enums.action.CREATE,
+            enums.action.UPDATE,
+            enums.action.DELETE,
+        ):
+            await self._collect_garbage()  # like the real collector: also catches children created late
         return response
+
+    async def _mark_for_deletion(self, request: kmock.Request) -> aiohttp.web.StreamResponse | None:
+        """An object with finalizers gets a deletionTimestamp and, as with any write, a new resourceVersion
+        (kmock keeps the old one, and kopf then takes the event for one it has already seen)."""
+        async with self._lock:
+            for (resource, ns, name), obj in self.objects.items():
+                if (resource, ns, name) != (request.resource, request.namespace, request.name) or obj.deleted:
+                    continue
+                meta = obj.raw.get("metadata") or {}
+                if not meta.get("finalizers") or meta.get("deletionTimestamp"):
+                    return None
+                obj.patch({"metadata": {"deletionTimestamp": _timestamp(), "resourceVersion": str(next(self._rv))}})
+                raw = dict(obj.raw)
+                await self._buses[resource].put({"type": "MODIFIED", "object": raw})
+                return aiohttp.web.json_response(raw)
+        return None
 
     def _assign_metadata(self, request: kmock.Request) -> None:
         meta = request.data.setdefault("metadata", {})

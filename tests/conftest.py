@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 # Build the demo model once per machine for the whole suite.
 os.environ.setdefault("KVPILOT_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kvpilot-test-cache"))
 # CI has no GPU: Triton kernels run in its CPU interpreter. This must precede the first import of triton,
 # which transformers may trigger from any test folder.
 os.environ["TRITON_INTERPRET"] = "1"
+# e2e/ is a folder run with `python -m e2e`, not an installed package; its API server also serves the
+# operator's tests. Appended after the standard library, so the root's `operator/` folder shadows nothing.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 # Tiny random checkpoints of each supported family, saved with transformers' own save_pretrained.
-
-from pathlib import Path
 
 import pytest
 import torch
