@@ -8,39 +8,22 @@ attends one sequence at a time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-import triton
 from kvpilot.engine import LLM, SamplingParams
 
+from bench.common import provenance, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_info() -> dict[str, object]:
-    commit = (
-        os.environ.get("KVPILOT_COMMIT")
-        or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    )
-    return {
-        "device": torch.cuda.get_device_name(),
-        "commit": commit or "unknown",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=str(ROOT / "bench/configs/llama-3.1-8b"))
-    parser.add_argument("--out", default=str(ROOT / "bench/results"))
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -70,7 +53,7 @@ def main() -> None:
     finite = all(len(o.outputs[0].token_ids) == 32 for o in outs)
     stats = llm.core.stats()
     result = {
-        **run_info(),
+        **provenance(),
         "benchmark": "smoke_reference",
         "workload": {
             "model": "llama-3.1-8b shape, dummy bf16",
@@ -91,9 +74,7 @@ def main() -> None:
         "single_tokens": single[0].outputs[0].token_ids[:8],
     }
     print(json.dumps(result, indent=1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "smoke_reference.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result("h100-smoke_reference", result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from kvpilot.engine.demo import ensure_demo_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults()
+    """The command takes no arguments of its own."""
 
 
 def run(args: argparse.Namespace) -> int:
