@@ -48,6 +48,13 @@ class Knob(BaseModel):
             self.kind != "choice" and self.low == self.high
         )
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a searched range knob; 0 is a valid bound (grid indices start there)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.name}: a {self.kind} knob without bounds")
+        return self.low, self.high
+
     def value(self, raw: float) -> float | int:
         return round(raw) if self.kind in ("int", "choice") else float(raw)
 
@@ -120,9 +127,9 @@ class SearchSpace(BaseModel):
             elif k.kind == "choice":
                 params[k.name] = int(trial.suggest_categorical(k.name, list(k.choices or ())))
             elif k.kind == "int":
-                params[k.name] = trial.suggest_int(k.name, int(k.low or 1), int(k.high or 1), log=k.log)
+                params[k.name] = trial.suggest_int(k.name, int(k.bounds[0]), int(k.bounds[1]), log=k.log)
             else:
-                params[k.name] = trial.suggest_float(k.name, float(k.low or 0.0), float(k.high or 0.0), log=k.log)
+                params[k.name] = trial.suggest_float(k.name, *k.bounds, log=k.log)
         return params
 
     def canonical(self, params: Mapping[str, float | int]) -> dict[str, float | int]:

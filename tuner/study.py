@@ -64,9 +64,9 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
         if k.kind == "choice":
             out[k.name] = CategoricalDistribution(list(k.choices or ()))
         elif k.kind == "int":
-            out[k.name] = IntDistribution(int(k.low or 1), int(k.high or 1), log=k.log)
+            out[k.name] = IntDistribution(int(k.bounds[0]), int(k.bounds[1]), log=k.log)
         else:
-            out[k.name] = FloatDistribution(float(k.low or 0.0), float(k.high or 0.0), log=k.log)
+            out[k.name] = FloatDistribution(*k.bounds, log=k.log)
     return out
 
 
