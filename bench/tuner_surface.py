@@ -5,9 +5,13 @@ a fresh `kvpilot serve` (Llama-3.1-8B shape, dummy weights, bf16), the per-trial
 load generator, latencies from the server's own histograms. When the grid is complete it is written as
 a Surface and replayed (Optuna vs grid vs random over 20 seeds), including the tuned-over-default ratio.
 
-A point takes about a minute (server start, three load steps), so the run is resumable: each finished point
-is appended to bench/results/tuner-surface-h100[-GRID].partial.json (and $OUT), and `--resume` skips what is
-there. The trial servers run as `python -m kvpilot serve`, so the checkout must be pip-installed (`pip install
+Result names carry the device they were measured on: a tag derived from the CUDA device name (`h200` for
+"NVIDIA H200", `h100` for "NVIDIA H100 80GB HBM3", `cpu` without CUDA), or `--device-tag`.
+
+A point takes a minute or more (server start, the load steps, the confirm step), so the run is resumable:
+each finished point is appended to bench/results/tuner-surface-TAG[-GRID].partial.json (and $OUT), and
+`--resume` skips what is there (a partial recorded with other load settings or on another device is refused).
+The trial servers run as `python -m kvpilot serve`, so the checkout must be pip-installed (`pip install
 -e . --no-deps`). From the repo root: `python -m bench.tuner_surface [--grid smoke|small|medium|full]
 [--resume PARTIAL.json] [--time-budget-s 540]`.
 """
@@ -19,16 +23,20 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, ensure_kvpilot_importable, provenance, write_result
+from bench.common import RESULTS, device_info, ensure_kvpilot_importable, provenance, write_result
 from bench.engine_common import SHAPES
 
 GRIDS: dict[str, dict[str, list[float | int]]] = {
     # 2 points: a smoke test of the recorder itself (e.g. `--model demo` on CPU)
     "smoke": {"gpu_memory_utilization": [0.90], "max_num_seqs": [8, 256], "max_num_batched_tokens": [8192]},
+    # the default against the surface's winning change (512-token prefill chunks), with a finer rate search:
+    # the first point runs cold (kernels compile inside its window), so the tuned side is the disadvantaged one
+    "chunk": {"gpu_memory_utilization": [0.90], "max_num_seqs": [256], "max_num_batched_tokens": [512, 8192]},
     # 2 x 3 x 3 = 18 points, about 20 minutes: fits one session's device budget; holds the default (0.90, 256, 8192)
     "small": {
         "gpu_memory_utilization": [0.90, 0.95],
@@ -48,7 +56,13 @@ GRIDS: dict[str, dict[str, list[float | int]]] = {
     },
 }
 DEFAULT = {"gpu_memory_utilization": 0.90, "max_num_seqs": 256, "max_num_batched_tokens": 8192}
-NAME = "tuner-surface-h100"
+
+
+def device_tag(name: str) -> str:
+    """A short slug of a device name: "NVIDIA H200" -> h200, "NVIDIA A100-SXM4-80GB" -> a100, "cpu" -> cpu."""
+    words = [w for w in re.split(r"[\s_]+", name) if w and w.lower() not in ("nvidia", "tesla", "geforce", "amd")]
+    model = next((w for w in words if any(c.isdigit() for c in w)), words[0] if words else "unknown")
+    return re.sub(r"[^a-z0-9]+", "", model.split("-")[0].lower()) or "unknown"
 
 
 def _args() -> argparse.Namespace:
@@ -63,6 +77,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--step-seconds", type=float, default=6.0)
     p.add_argument("--rate-steps", type=int, default=3)
     p.add_argument("--start-rate", type=float, default=4.0)
+    p.add_argument("--confirm-seconds", type=float, help="the confirm step at the best rate (default: 2 x step)")
+    p.add_argument("--device-tag", help="names the results (default: derived from the CUDA device name)")
     p.add_argument("--resume", type=Path, help="a partial file from an earlier run: its points are not re-measured")
     p.add_argument("--time-budget-s", type=float, default=540.0, help="stop starting points after this long")
     p.add_argument("--port", type=int, default=8765)
@@ -103,12 +119,11 @@ def main() -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     grid = GRIDS[args.grid]
     slo = SLO(ttft_p95_ms=args.slo_ttft_p95_ms, itl_p95_ms=args.slo_itl_p95_ms)
+    device = device_info()["name"]
+    tag = args.device_tag or device_tag(device)
     suffix = "" if args.grid == "small" else f"-{args.grid}"
-    partial_path = RESULTS / f"{NAME}{suffix}.partial.json"
-    done: dict[str, Any] = json.loads(args.resume.read_text()) if args.resume else {"grid": grid, "points": []}
-    if done["grid"] != grid:
-        raise SystemExit(f"{args.resume} was recorded on another grid: {done['grid']}")
-    seen = {json.dumps(p["params"], sort_keys=True) for p in done["points"]}
+    name = f"tuner-surface-{tag}{suffix}"
+    partial_path = RESULTS / f"{name}.partial.json"
     workdir = Path(os.environ.get("OUT", "/tmp")) / "tuner-surface-logs"
     workdir.mkdir(parents=True, exist_ok=True)
     max_len = args.input_len + args.output_len
@@ -117,10 +132,20 @@ def main() -> int:
         workload=RandomWorkload(min_input_len=args.input_len, max_input_len=args.input_len,
                                 min_output_len=args.output_len, max_output_len=args.output_len),
         rate=RateSearchSettings(start_rate=args.start_rate, steps=args.rate_steps, max_rate=256),
-        step_seconds=args.step_seconds, warmup_s=2.0, engine_port=args.port, launcher="subprocess",
+        step_seconds=args.step_seconds, confirm_seconds=args.confirm_seconds or 2 * args.step_seconds,
+        warmup_s=2.0, engine_port=args.port, launcher="subprocess",
         serve_args=[*([] if args.model else ["--load-format", "dummy", "--dtype", "bfloat16"]),
                     "--max-model-len", str(max_len)],
-        ready_timeout_s=600, workdir=workdir)
+        ready_timeout_s=600, workdir=workdir,
+        vocab_size=None if args.model else json.loads((SHAPES[args.shape] / "config.json").read_text())["vocab_size"])
+    measured_with = {"model": args.model or args.shape, "device": device, **settings.measured_with()}
+    done: dict[str, Any] = (json.loads(args.resume.read_text()) if args.resume
+                            else {"grid": grid, "measured_with": measured_with, "points": []})
+    if done["grid"] != grid:
+        raise SystemExit(f"{args.resume} was recorded on another grid: {done['grid']}")
+    if done.get("measured_with") != measured_with:  # its points would not be comparable with new ones
+        raise SystemExit(f"{args.resume} was measured with other settings: {done.get('measured_with')}")
+    seen = {json.dumps(p["params"], sort_keys=True) for p in done["points"]}
     runner = LocalRunner(settings, TunerStudy(StudyState(space=gpu_space())), prometheus_url=None)
     started = time.monotonic()
     for number, combo in enumerate(itertools.product(*grid.values())):
@@ -140,7 +165,7 @@ def main() -> int:
         done["points"].append({**point.model_dump(), "seconds": round(time.monotonic() - t0, 1),
                                "steps": [m.model_dump() for m in o.steps]})
         logging.info("%s: %s %.0f tok/s (%.0f s)", params, o.status, o.goodput_per_gpu, time.monotonic() - t0)
-        write_result(f"{NAME}{suffix}.partial", {**done, "provenance": provenance(), "slo": slo.model_dump()})
+        write_result(f"{name}.partial", {**done, "provenance": provenance(), "slo": slo.model_dump()})
     total = 1
     for values in grid.values():
         total *= len(values)
@@ -148,15 +173,17 @@ def main() -> int:
         logging.info("%d of %d points recorded; run again with --resume", len(done["points"]), total)
         return 0
     surface = Surface(
-        description=f"measured: {args.model or args.shape + ' (dummy weights, bf16)'}, "
-                    f"{args.input_len}-in/{args.output_len}-out, grid {args.grid}",
+        description=f"measured on {device}: {args.model or args.shape + ' (dummy weights, bf16)'}, "
+                    f"{args.input_len}-in/{args.output_len}-out, grid {args.grid}; rate search from "
+                    f"{args.start_rate:g} req/s, {args.rate_steps} steps of {args.step_seconds:g} s, "
+                    f"confirm {settings.confirm_seconds:g} s",
         source="measured", grid=grid, slo=slo.model_dump(exclude={"min_throughput_tokens_per_second"}),
         points=[SurfacePoint.model_validate({k: v for k, v in p.items() if k not in ("seconds", "steps")})
                 for p in done["points"]],
         default_params=DEFAULT)
-    write_result(NAME + suffix, {**surface.model_dump(), "provenance": provenance()})
+    write_result(name, {**surface.model_dump(), "provenance": provenance()})
     report = replay(surface, seeds=20)
-    write_result("tuner-replay-h100" + suffix, {**report.model_dump(), "provenance": provenance()})
+    write_result(f"tuner-replay-{tag}{suffix}", {**report.model_dump(), "provenance": provenance()})
     print(report.model_dump_json(indent=2))
     return 0
 

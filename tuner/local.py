@@ -53,6 +53,8 @@ class LocalSettings(BaseModel):
     ready_timeout_s: float = Field(default=120.0, gt=0)
     launcher: Launcher = "forkserver"
     gpus: int = Field(default=1, ge=1, description="goodput is divided by this")
+    vocab_size: int | None = Field(default=None, ge=2, description="token ids of random prompts lie below; default: "
+                                   "the server's (a model served with dummy weights and no tokenizer reports none)")
     workdir: Path
 
     def measured_with(self) -> dict[str, Any]:
@@ -95,7 +97,7 @@ class LocalRunner:
         if isinstance(workload, SharedPrefixWorkload):
             workload = workload.model_copy(update={"prompts_per_group": max(1, n // workload.num_groups)})
         config = BenchConfig(url=self.s.url, model=SERVED_NAME, workload=workload, request_rate=rate,
-                             progress=False, timeout_s=60.0)
+                             vocab_size=self.s.vocab_size, progress=False, timeout_s=60.0)
         load = asyncio.create_task(run_benchmark(config))
         await asyncio.sleep(min(self.s.warmup_s, seconds / 2))
         start = await asyncio.to_thread(reader.mark)
