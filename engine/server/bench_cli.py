@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import os
@@ -40,6 +41,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, help="write the result JSON here")
+    p.add_argument("--summary-file", type=Path,
+                   help="write a short JSON summary here (< 4 KiB: fits a Job's /dev/termination-log)")
     p.add_argument("--api-key", default=os.environ.get("KVPILOT_API_KEY"), help="default: $KVPILOT_API_KEY")
     p.add_argument("--vocab-size", type=int, help="token ids for random prompts lie below (default: from server)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -88,6 +91,12 @@ def _print_summary(result: BenchResult) -> None:
                   f"p90 {p.p90 * 1e3:8.1f}  p99 {p.p99 * 1e3:8.1f}")
 
 
+def summary_json(result: BenchResult) -> str:
+    """What a caller that cannot read the full result needs (the operator reads it from the Job's pod status)."""
+    fields = ("started_at", "duration_s", "num_requests", "completed", "failed", "failures", "output_throughput")
+    return json.dumps({k: getattr(result, k) for k in fields}, separators=(",", ":"))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from kvpilot.engine.server.loadgen import BenchConfig, run_benchmark
 
@@ -103,11 +112,15 @@ def run_serve(args: argparse.Namespace) -> int:
         result = asyncio.run(run_benchmark(config))
     except (ValidationError, ValueError, httpx.HTTPError) as exc:
         log.error("bench serve: %s", exc)
+        if args.summary_file:
+            args.summary_file.write_text(json.dumps({"error": str(exc)[:1000]}))
         return 2
     _print_summary(result)
     if args.output:
         args.output.write_text(result.model_dump_json(indent=2))
         print(f"wrote {args.output}")
+    if args.summary_file:
+        args.summary_file.write_text(summary_json(result))
     return 0 if result.completed else 1
 
 

@@ -79,6 +79,7 @@ class Percentiles(BaseModel):
 class BenchResult(BaseModel):
     config: BenchConfig
     model: str
+    started_at: float = Field(description="Unix time of the first request: where a metrics window can begin")
     duration_s: float
     num_requests: int
     completed: int
@@ -158,7 +159,9 @@ async def _send(
     return rec
 
 
-def _summarize(config: BenchConfig, model: str, records: list[RequestRecord], duration: float) -> BenchResult:
+def _summarize(
+    config: BenchConfig, model: str, records: list[RequestRecord], started_at: float, duration: float
+) -> BenchResult:
     ok = [r for r in records if r.ok]
     failures: dict[str, int] = {}
     for r in records:
@@ -175,8 +178,8 @@ def _summarize(config: BenchConfig, model: str, records: list[RequestRecord], du
         ]
         goodput = len(good) / duration
     return BenchResult(
-        config=config, model=model, duration_s=duration, num_requests=len(records), completed=len(ok),
-        failed=len(records) - len(ok), failures=failures, total_prompt_tokens=prompt_tokens,
+        config=config, model=model, started_at=started_at, duration_s=duration, num_requests=len(records),
+        completed=len(ok), failed=len(records) - len(ok), failures=failures, total_prompt_tokens=prompt_tokens,
         total_output_tokens=output_tokens, request_throughput=len(ok) / duration,
         output_throughput=output_tokens / duration, total_token_throughput=(prompt_tokens + output_tokens) / duration,
         goodput=goodput,
@@ -209,7 +212,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             bar.update(1)
             return rec
 
-        t0 = time.perf_counter()
+        started_at, t0 = time.time(), time.perf_counter()
         tasks = []
         for i, req in enumerate(requests):
             if i and math.isfinite(config.request_rate):
@@ -218,4 +221,4 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
         records = list(await asyncio.gather(*tasks))
         duration = time.perf_counter() - t0
         bar.close()
-    return _summarize(config, model, records, duration)
+    return _summarize(config, model, records, started_at, duration)
