@@ -2,8 +2,10 @@
 
 kmock stores objects as plain dicts (see /work/shared/KMOCK_NOTES.md). Added here: server-assigned
 metadata (uid, resourceVersion, generation, creationTimestamp), status-subresource separation,
-equality label selectors on lists, deletion marking of objects with finalizers, and garbage collection
-through ownerReferences. The operator's tests extend it (tests/operator/emulator.py).
+equality label selectors on lists, deletion marking of objects with finalizers, garbage collection
+through ownerReferences (`propagationPolicy` Orphan strips the ownerReferences instead), and for batch/v1
+Jobs what their API does server-side: the defaulted selector and pod-template labels, an immutable
+template, and orphaning as the default on DELETE. The operator's tests extend it (tests/operator/emulator.py).
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ from typing import Any
 import aiohttp.web
 import kmock
 import yaml
-from kmock._internal import enums
+from kmock._internal import enums, k8s
+from kmock._internal.dicts import merge_patch_dict
 from kvpilot.operator.spec import GROUP, KIND, PLURAL, VERSION
+
+JOB_RESOURCE = ("batch", "v1", "jobs")
+
+
+def _is_job(resource: Any) -> bool:
+    return resource is not None and (resource.group, resource.version, resource.plural) == JOB_RESOURCE
 
 
 def _timestamp() -> str:
@@ -62,10 +71,16 @@ class ApiServer(kmock.KubernetesEmulator):
                 marked = await self._mark_for_deletion(request)
                 if marked is not None:
                     return marked
+                if _propagation(request) == "Orphan":
+                    await self._orphan_dependents(request)
             if isinstance(request.data, dict):
                 if request.action == enums.action.CREATE:
                     self._assign_metadata(request)
+                    if _is_job(request.resource):
+                        _default_job(request.data)
                 elif request.action == enums.action.UPDATE:
+                    if _is_job(request.resource) and request.subresource is None:
+                        self._check_job_immutable(request)
                     self._bump_versions(request)
         response = await super()._handle(request)
         if request.resource is not None and request.action in (
@@ -91,6 +106,42 @@ class ApiServer(kmock.KubernetesEmulator):
                 await self._buses[resource].put({"type": "MODIFIED", "object": raw})
                 return aiohttp.web.json_response(raw)
         return None
+
+    async def _orphan_dependents(self, request: kmock.Request) -> None:
+        """What the garbage collector does for propagationPolicy Orphan: dependents lose their ownerReference
+        to the deleted object (and live on)."""
+        assert request.resource is not None and request.name is not None
+        owner = self._live(request.resource.plural, request.namespace or "", request.name)
+        uid = ((owner or {}).get("metadata") or {}).get("uid")
+        if uid is None:
+            return
+        async with self._lock:
+            for (resource, _, _), obj in self.objects.items():
+                refs = (obj.raw.get("metadata") or {}).get("ownerReferences") or []
+                kept = [ref for ref in refs if ref.get("uid") != uid]
+                if obj.deleted or len(kept) == len(refs):
+                    continue
+                obj.patch({"metadata": {"ownerReferences": kept or None, "resourceVersion": str(next(self._rv))}})
+                await self._buses[resource].put({"type": "MODIFIED", "object": dict(obj.raw)})
+
+    def _check_job_immutable(self, request: kmock.Request) -> None:
+        """A Job's `spec.template` and `spec.selector` cannot change: the real server answers 422."""
+        assert request.resource is not None and request.name is not None
+        current = self._live(request.resource.plural, request.namespace or "", request.name)
+        spec = request.data.get("spec")
+        if current is None or not isinstance(spec, dict):
+            return
+        for field in ("template", "selector"):
+            if field not in spec:
+                continue
+            before = (current.get("spec") or {}).get(field)
+            after = merge_patch_dict(before or {}, spec[field]) if isinstance(spec[field], dict) else spec[field]
+            if after != before:
+                raise k8s.KubernetesError(
+                    status=422,
+                    reason="Invalid",
+                    message=f'Job.batch "{request.name}" is invalid: spec.{field}: Invalid value: field is immutable',
+                )
 
     def _assign_metadata(self, request: kmock.Request) -> None:
         meta = request.data.setdefault("metadata", {})
@@ -148,6 +199,38 @@ class ApiServer(kmock.KubernetesEmulator):
                 i for i in payload["items"] if selector_matches(selector, (i.get("metadata") or {}).get("labels"))
             ]
         return payload
+
+
+def _propagation(request: kmock.Request) -> str:
+    """propagationPolicy from the query or the DeleteOptions body; the default is Background, except for
+    batch/v1 Jobs, whose API still defaults to orphaning (kubectl sends Background explicitly)."""
+    body = request.data if isinstance(request.data, dict) else {}
+    policy = request.params.get("propagationPolicy") or body.get("propagationPolicy")
+    if policy is None and body.get("orphanDependents") is not None:
+        policy = "Orphan" if body["orphanDependents"] else "Background"
+    return str(policy or ("Orphan" if _is_job(request.resource) else "Background"))
+
+
+def _default_job(job: dict[str, Any]) -> None:
+    """The API server's defaulting of a new Job: a selector on its own uid and the labels that select the
+    pods (both spellings), unless `manualSelector`; the counts' defaults."""
+    meta, spec = job["metadata"], job.setdefault("spec", {})
+    spec.setdefault("backoffLimit", 6)
+    spec.setdefault("completions", 1)
+    spec.setdefault("parallelism", 1)
+    spec.setdefault("completionMode", "NonIndexed")
+    spec.setdefault("suspend", False)
+    if spec.get("manualSelector"):
+        return
+    spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": meta["uid"]}}
+    template_meta = spec.setdefault("template", {}).setdefault("metadata", {})
+    template_meta["labels"] = {
+        **(template_meta.get("labels") or {}),
+        "batch.kubernetes.io/controller-uid": meta["uid"],
+        "batch.kubernetes.io/job-name": meta["name"],
+        "controller-uid": meta["uid"],
+        "job-name": meta["name"],
+    }
 
 
 def write_kubeconfig(path: Path, server_url: str, namespace: str) -> Path:

@@ -1,4 +1,5 @@
-"""The whole local cluster, started and stopped together: API server, node, proxy, Prometheus, operator."""
+"""The whole local cluster, started and stopped together: API server, node (Deployments and Jobs), proxy,
+Prometheus, operator."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from typing import Any, TypeVar
 import kmock
 
 from e2e.apiserver import ApiServer, write_kubeconfig
+from e2e.jobs import JobController
 from e2e.kube import Kube
 from e2e.node import Node
 from e2e.pod import free_port
-from e2e.prometheus import Prometheus
+from e2e.prometheus import SCRAPE_INTERVAL_S, Prometheus
 from e2e.proxy import ServiceProxy
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ class Cluster:
         self.node = Node(self.kube, self.workdir, self.time_scale, self._on_pods)
         self.node.start()
         self._stack.push_async_callback(self.node.stop)
+        self.jobs = JobController(self.kube, self.workdir)
+        self.jobs.start()
+        self._stack.push_async_callback(self.jobs.stop)
         self.proxy = ServiceProxy(self.kube)
         await self.proxy.start()
         self._stack.push_async_callback(self.proxy.stop)
@@ -87,6 +92,7 @@ class Cluster:
             KVPILOT_RESYNC_SECONDS="1",
             KVPILOT_SLO_REFRESH_SECONDS="2",
             KVPILOT_SLO_WINDOW_SECONDS="30",
+            KVPILOT_SCRAPE_INTERVAL_SECONDS=str(SCRAPE_INTERVAL_S),
         )
         self.operator = OperatorProcess(env, self.workdir / "operator.log")
         self.operator.start()

@@ -10,6 +10,7 @@ PATHS = {
     "Pod": "/api/v1/namespaces/{ns}/pods",
     "Service": "/api/v1/namespaces/{ns}/services",
     "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
     "InferenceService": "/apis/kvpilot.dev/v1alpha1/namespaces/{ns}/inferenceservices",
     "Event": "/api/v1/namespaces/{ns}/events",
 }
@@ -59,8 +60,9 @@ class Kube:
         return await self._call("PATCH", self._path(kind, name, sub), json=patch, headers=MERGE)
 
     async def delete(self, kind: str, name: str) -> bool:
+        """Background propagation, as kubectl sends it (a batch/v1 Job's server default orphans its pods)."""
         try:
-            await self._call("DELETE", self._path(kind, name))
+            await self._call("DELETE", self._path(kind, name), params={"propagationPolicy": "Background"})
         except ApiError as exc:
             if exc.status == 404:
                 return False

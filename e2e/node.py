@@ -3,7 +3,8 @@
 Each pass lists Deployments and Pods, creates Pod objects (owned by their Deployment) and starts a
 `PodRunner` for each, terminates the runners whose Pod object is gone (deleted, or garbage-collected
 with its Deployment), and writes Pod and Deployment status back. Template changes roll with
-maxSurge 1 / maxUnavailable 0, as the operator's Deployments ask.
+maxSurge 1 / maxUnavailable 0, as the operator's Deployments ask. It acts only on the Pods it created:
+a Job's pods are `JobController`'s (e2e/jobs.py), and only this node's serving pods go to Prometheus.
 """
 
 from __future__ import annotations

@@ -53,9 +53,10 @@ class Probe:
         )
 
 
-def container_command(container: dict[str, Any], volumes: list[dict[str, Any]], port: int) -> list[str]:
+def container_command(container: dict[str, Any], volumes: list[dict[str, Any]], port: int | None) -> list[str]:
     """The container's command as a local process: `kvpilot` is this interpreter's, host and port are
-    loopback, and a hostPath model mount is read where it lies on this machine."""
+    loopback, and a hostPath model mount is read where it lies on this machine. `port` None (a Job's
+    container, which serves nothing) leaves `--port` and `--host` as written."""
     command = list(container.get("command") or [])
     if command[:1] != ["kvpilot"]:
         raise ValueError(f"the local node runs only `kvpilot ...` containers, got {command!r}")
@@ -67,9 +68,9 @@ def container_command(container: dict[str, Any], volumes: list[dict[str, Any]], 
     out: list[str] = []
     for i, arg in enumerate(args):
         previous = args[i - 1] if i else ""
-        if previous == "--port":
+        if previous == "--port" and port is not None:
             arg = str(port)
-        elif previous == "--host":
+        elif previous == "--host" and port is not None:
             arg = "127.0.0.1"
         elif previous == "--model":
             for mount, host in mounts.items():

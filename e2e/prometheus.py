@@ -18,7 +18,8 @@ import yaml
 
 from e2e.pod import PodRunner, free_port
 
-SCRAPE_INTERVAL = "1s"
+SCRAPE_INTERVAL_S = 1.0
+SCRAPE_INTERVAL = f"{SCRAPE_INTERVAL_S:g}s"
 
 
 class Prometheus:

@@ -4,6 +4,8 @@ Endpoints are re-read from the API every `refresh_s` (Services' selectors, Pods'
 condition), so a selector switch or a pod going unready takes effect as it would in a cluster.
 Responses stream through chunk by chunk (SSE); an upstream that dies mid-stream ends the client's
 stream with an OpenAI-shaped error event, never a silent cut. Every routed request is counted per pod.
+A ready pod that serves nothing (a Job's, whose labels the Service's selector happens to match) is an
+endpoint as in a cluster, and requests routed to it fail with 502, as connections refused would.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import itertools
 import json
 import logging
+from typing import Any
 
 import aiohttp
 import aiohttp.web
@@ -33,12 +36,19 @@ def _error(status: int, message: str, retry_after: int | None = None) -> aiohttp
     return aiohttp.web.json_response(body, status=status, headers=headers)
 
 
+def _port(pod: dict[str, Any]) -> int | None:
+    """The serving port the node gave the pod; None for a pod that serves none (a Job's)."""
+    port = (pod["metadata"].get("annotations") or {}).get(PORT_ANNOTATION)
+    return int(port) if port is not None else None
+
+
 class ServiceProxy:
     def __init__(self, kube: Kube, refresh_s: float = 0.2) -> None:
         self.kube, self.refresh_s = kube, refresh_s
-        self.endpoints: dict[str, list[tuple[str, int]]] = {}  # service -> [(pod, port)]
+        self.endpoints: dict[str, list[tuple[str, int | None]]] = {}  # service -> [(pod, port or None)]
         self.selectors: dict[str, dict[str, str]] = {}
         self.routed: collections.Counter[str] = collections.Counter()  # pod -> requests
+        self._warned: set[tuple[str, str]] = set()  # (service, pod) selected though it serves no port
         self._rr = itertools.count()
         self.port = 0
         self._runner: aiohttp.web.AppRunner | None = None
@@ -90,16 +100,19 @@ class ServiceProxy:
                 for c in (p.get("status") or {}).get("conditions", [])
             )
         ]
-        endpoints: dict[str, list[tuple[str, int]]] = {}
+        endpoints: dict[str, list[tuple[str, int | None]]] = {}
         for service in services:
             selector = (service.get("spec") or {}).get("selector") or {}
             name = service["metadata"]["name"]
             self.selectors[name] = selector
             endpoints[name] = sorted(
-                (p["metadata"]["name"], int(p["metadata"]["annotations"][PORT_ANNOTATION]))
+                (p["metadata"]["name"], _port(p))
                 for p in pods
                 if selector and selector_matches(selector, p["metadata"].get("labels"))
             )
+            for pod, _ in (e for e in endpoints[name] if e[1] is None and (name, e[0]) not in self._warned):
+                self._warned.add((name, pod))
+                log.warning("Service %s selects pod %s, which serves no port (a Job's pod?)", name, pod)
         self.endpoints = endpoints
 
     async def _handle(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
@@ -111,6 +124,10 @@ class ServiceProxy:
             return _error(503, f"Service {service} has no ready endpoints", retry_after=1)
         pod, port = targets[next(self._rr) % len(targets)]
         self.routed[pod] += 1
+        if port is None:
+            refused = _error(502, f"pod {pod} serves no port: the Service's selector matches a pod it should not")
+            refused.headers[POD_HEADER] = pod
+            return refused
         assert self._session is not None
         body = await request.read()
         url = f"http://127.0.0.1:{port}/{request.match_info['tail']}"
