@@ -29,6 +29,9 @@ class Crds(_Values):
 class OperatorValues(_Values):
     watchNamespaces: list[str] = Field(default_factory=list)
     resyncSeconds: float = Field(default=10, gt=0)
+    scrapeIntervalSeconds: float = Field(
+        default=15, gt=0, description="Prometheus's scrape interval: a trial's window is read a scrape after it ends."
+    )
     serviceUrlTemplate: str = Field(default="http://{name}.{namespace}.svc:{port}", pattern=r"\{name\}")
     logLevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     resources: dict[str, Any] = Field(default_factory=dict)

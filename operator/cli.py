@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--service-url-template",
         help="how to reach a Service, e.g. http://{name}.{namespace}.svc:{port} (env KVPILOT_SERVICE_URL_TEMPLATE)",
     )
+    parser.add_argument(
+        "--scrape-interval-seconds", type=float,
+        help="Prometheus's scrape interval, for reading tuning trials (env KVPILOT_SCRAPE_INTERVAL_SECONDS)",
+    )
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint")
     parser.add_argument(
         "--peering", action="store_true", help="coordinate replicas through kopf peering (needs kopf's peering CRDs)"
@@ -31,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = OperatorConfig.from_env(
-        namespaces=args.namespaces, resync_seconds=args.resync_seconds, service_url_template=args.service_url_template
+        namespaces=args.namespaces, resync_seconds=args.resync_seconds, service_url_template=args.service_url_template,
+        scrape_interval_seconds=args.scrape_interval_seconds,
     )
     registry = build_registry(config)
     asyncio.run(

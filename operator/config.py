@@ -18,6 +18,9 @@ class OperatorConfig(BaseModel):
     )
     slo_refresh_seconds: float = Field(default=30.0, gt=0, description="How often the live SLO is read.")
     slo_window_seconds: float = Field(default=300.0, gt=0, description="Window of the live SLO reading.")
+    scrape_interval_seconds: float = Field(
+        default=15.0, gt=0, description="Prometheus's scrape interval: trial windows are read a scrape after they end."
+    )
     namespaces: list[str] = Field(default_factory=list, description="Watched namespaces; empty: cluster-wide.")
 
     @classmethod
@@ -27,6 +30,7 @@ class OperatorConfig(BaseModel):
             "service_url_template": os.environ.get("KVPILOT_SERVICE_URL_TEMPLATE"),
             "slo_refresh_seconds": os.environ.get("KVPILOT_SLO_REFRESH_SECONDS"),
             "slo_window_seconds": os.environ.get("KVPILOT_SLO_WINDOW_SECONDS"),
+            "scrape_interval_seconds": os.environ.get("KVPILOT_SCRAPE_INTERVAL_SECONDS"),
             "namespaces": [n for n in os.environ.get("KVPILOT_NAMESPACES", "").split(",") if n] or None,
         }
         values = {k: v for k, v in env.items() if v is not None}

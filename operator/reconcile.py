@@ -20,6 +20,7 @@ from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, KubeClient
 from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
 from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
+from kvpilot.operator.tuning import TuningDriver, effective_spec, load_study, trial_revision
 from kvpilot.operator.verify import CheckResult, judge_slo, read_slo_window, smoke_completion
 from pydantic import ValidationError
 
@@ -88,8 +89,8 @@ def _converge(
     service_monitors: bool,
 ) -> None:
     keep = rollout.revisions_to_keep(status)
-    retiring = {r.revision for r in status.retiring}
-    for revision in sorted(keep - retiring):
+    skip = {r.revision for r in status.retiring} | {trial_revision(status)}  # a trial's children are the tuner's
+    for revision in sorted(keep - skip):
         revision_spec = spec if revision == desired else _revision_spec(applier, name, revision, spec)
         if revision_spec is None:
             log.warning("revision %s of %s has no ConfigMap; cannot repair it", revision, name)
@@ -171,7 +172,7 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
     status = load_status(body.get("status"))
     at = now()
     try:
-        spec = parse_spec(body.get("spec") or {})
+        spec = user_spec = parse_spec(body.get("spec") or {})
     except ValidationError as exc:
         message = spec_error_message(exc)
         previous = status.condition("Ready")
@@ -182,11 +183,16 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
         status.observed_generation = generation
         _write_status(client, body, status)
         return
-    desired = res.revision_of(spec)
     applier = Applier(client, body)
+    study, basis = load_study(applier, name)
+    spec = effective_spec(spec, study)
+    desired = res.revision_of(spec)
     checks = LiveChecks(applier, spec, name, config)
     slo_checks = spec.monitoring.prometheus_url is not None
     for event in rollout.advance(status, spec, desired, checks, at, generation, slo_checks):
+        emit(event)
+    tuning = TuningDriver(applier, name, body["metadata"].get("uid", name), user_spec, config, study, basis)
+    for event in tuning.step(status, desired, at):
         emit(event)
     service_monitors = spec.monitoring.service_monitor and client.has_resource(SERVICE_MONITOR)
     _converge(applier, name, spec, desired, status, service_monitors)

@@ -37,7 +37,7 @@ class ActiveTrial(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     params: Params
-    revision: str = Field(description="candidate revision name: `trial-<n>`")
+    revision: str = Field(description="candidate revision name: `<revision_prefix>-<n>`")
     since: dt.datetime = Field(description="when the current phase began")
     steps: list[Measurement] = Field(default_factory=list)
     rate: float | None = Field(default=None, description="the load step in flight")
@@ -68,6 +68,10 @@ class ClusterSettings(BaseModel):
     ready_timeout_s: float = Field(gt=0)
     gpus: int = Field(default=1, ge=1)
     retune_below_attainment: float | None = None
+    baseline: Params | None = Field(default=None, description="run first (the configuration serving now), so "
+                                    "the study's best is measured against it; skipped when outside the space")
+    revision_prefix: str = Field(default="trial", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                                 description="trial revisions are `<prefix>-<n>`: unique per study in one Prometheus")
 
 
 class Observation(BaseModel):
@@ -116,13 +120,24 @@ def _start_trial(state: ClusterState, s: ClusterSettings, now: dt.datetime) -> l
     study = TunerStudy(state.study)
     if study.trials_run >= s.max_trials:
         return _finish(state, study)
-    proposal = study.ask()
-    if proposal is None:
-        return _finish(state, study)
-    revision = f"trial-{len(state.study.records)}"
-    state.trial = ActiveTrial(params=proposal.params, revision=revision, since=now)
+    params = _baseline(state, s)
+    if params is None:
+        proposal = study.ask()
+        if proposal is None:
+            return _finish(state, study)
+        params = proposal.params
+    revision = f"{s.revision_prefix}-{len(state.study.records)}"
+    state.trial = ActiveTrial(params=params, revision=revision, since=now)
     state.phase = "Deploying"
-    return [DeployCandidate(revision=revision, engine=proposal.params)]
+    return [DeployCandidate(revision=revision, engine=params)]
+
+
+def _baseline(state: ClusterState, s: ClusterSettings) -> Params | None:
+    space = state.study.space
+    if state.study.records or s.baseline is None or any(k.name not in s.baseline for k in space.knobs):
+        return None
+    params = space.canonical(s.baseline)
+    return params if all(k.contains(params[k.name]) for k in space.knobs) else None
 
 
 def _finish(state: ClusterState, study: TunerStudy) -> list[Action]:
@@ -205,7 +220,7 @@ def advance(state: ClusterState, s: ClusterSettings, obs: Observation) -> tuple[
     return state, _load(state, s, rate, obs.now)
 
 
-def settings_from_spec(spec: Any) -> ClusterSettings:
+def settings_from_spec(spec: Any, revision_prefix: str = "trial") -> ClusterSettings:
     """ClusterSettings from an InferenceServiceSpec (kvpilot.operator.spec), read by attribute so the tuner
     does not import the operator."""
     t = spec.tuning
@@ -221,7 +236,7 @@ def settings_from_spec(spec: Any) -> ClusterSettings:
         slo=SLO(ttft_p95_ms=spec.slo.ttft_p95_ms, itl_p95_ms=spec.slo.itl_p95_ms,
                 min_throughput_tokens_per_second=spec.slo.min_throughput_tokens_per_second),
         ready_timeout_s=spec.rollout.ready_timeout_seconds, gpus=max(1, spec.resources.gpus_per_replica),
-        retune_below_attainment=t.retune_below_attainment)
+        retune_below_attainment=t.retune_below_attainment, revision_prefix=revision_prefix)
 
 
 def space_from_spec(spec: Any) -> SearchSpace:

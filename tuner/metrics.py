@@ -71,6 +71,21 @@ def rate_query(counter: str, labels: Mapping[str, str], window: str = "1m") -> s
     return f"sum(rate({counter}{selector(labels)}[{window}]))"
 
 
+def buckets_query(histogram: str, labels: Mapping[str, str], window: str = "5m") -> str:
+    """Each bucket's increase over the last `window`: the live view behind SLO attainment."""
+    return f"sum by (le) (increase({histogram}_bucket{selector(labels)}[{window}]))"
+
+
+def share_within(buckets: Mapping[float, float], target_s: float) -> float | None:
+    """Share of observations at or under `target_s`, counted at the largest bucket bound not above it:
+    a lower bound, so attainment is never overstated. None when the window holds no observations."""
+    total = buckets.get(math.inf, 0.0)
+    if total <= 0:
+        return None
+    below = [b for b in buckets if b <= target_s]
+    return (buckets[max(below)] if below else 0.0) / total
+
+
 def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
     """Prometheus's histogram_quantile over cumulative bucket counts keyed by upper bound (+Inf included).
 
