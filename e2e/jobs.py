@@ -35,6 +35,7 @@ from typing import Any
 
 from e2e.jobpod import JobPodRunner, rfc3339
 from e2e.kube import ApiError, Kube
+from e2e.loop import ControllerLoop
 
 log = logging.getLogger(__name__)
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
@@ -110,27 +111,16 @@ def pod_status(runner: JobPodRunner) -> dict[str, Any]:
     }
 
 
-class JobController:
+class JobController(ControllerLoop):
+    name = "jobs"
+
     def __init__(self, kube: Kube, log_dir: Path, period_s: float = 0.25) -> None:
+        super().__init__()
         self.kube, self.log_dir, self.period_s = kube, log_dir, period_s
         self.runners: dict[str, JobPodRunner] = {}  # pod -> its container
         self.owner: dict[str, str] = {}  # pod -> Job uid
         self.jobs: dict[str, JobState] = {}  # Job uid -> what was counted
         self._published: dict[str, dict[str, Any]] = {}  # pod -> last status written
-        self._terminations: set[asyncio.Task[None]] = set()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="jobs")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for runner in self.runners.values():
-            runner.grace_s = min(runner.grace_s, 2.0)
-        await asyncio.gather(*(r.terminate() for r in self.runners.values()), *self._terminations)
 
     async def _loop(self) -> None:
         while True:

@@ -21,6 +21,7 @@ from typing import Any
 
 from e2e.apiserver import selector_matches
 from e2e.kube import ApiError, Kube
+from e2e.loop import ControllerLoop
 from e2e.pod import PodRunner
 
 log = logging.getLogger(__name__)
@@ -32,31 +33,20 @@ def template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:8]
 
 
-class Node:
+class Node(ControllerLoop):
+    name = "node"
+
     def __init__(
         self, kube: Kube, log_dir: Path, time_scale: float, on_pods: Callable[[list[PodRunner]], None]
     ) -> None:
+        super().__init__()
         self.kube, self.log_dir, self.time_scale, self.on_pods = kube, log_dir, time_scale, on_pods
         self.runners: dict[str, PodRunner] = {}
         self.owner: dict[str, str] = {}  # pod -> deployment
         self.revision: dict[str, str] = {}  # pod -> kvpilot.dev/revision label
         self.hashes: dict[str, str] = {}  # pod -> template hash
         self._published: dict[str, Any] = {}
-        self._terminations: set[asyncio.Task[None]] = set()
         self.terminating: list[PodRunner] = []  # deleted, still draining: Prometheus keeps scraping them
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="node")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for runner in self.runners.values():
-            runner.grace_s = min(runner.grace_s, 2.0)
-        await asyncio.gather(*(r.terminate() for r in self.runners.values()), *self._terminations)
 
     def pods_of(self, revision: str) -> list[PodRunner]:
         return [r for name, r in self.runners.items() if self.revision.get(name) == revision]

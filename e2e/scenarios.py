@@ -22,6 +22,26 @@ NAME = "demo"
 MODEL = "demo"
 READY_TIMEOUT_S = 90
 BROKEN_READY_TIMEOUT_S = 15
+TRIALS = 4
+TUNING_TIMEOUT_S = 360
+# A small study the demo model on two shared cores gets through in a few minutes: the memory knob pinned
+# (it does nothing on CPU), the serving configuration (4 sequences, 8192-token chunks) inside the space,
+# and a declared arrival rate, so each trial is one load step (tests/operator covers the rate search).
+TUNING: dict[str, Any] = {
+    "enabled": True,
+    "maxTrials": TRIALS,
+    "trialDurationSeconds": 10,
+    "searchSpace": {
+        "gpuMemoryUtilization": {"fixed": 0.9},
+        "maxNumSeqs": {"min": 2, "max": 8},
+        "maxNumBatchedTokens": {"min": 64, "max": 8192},
+    },
+    "workload": {
+        "inputTokens": {"kind": "fixed", "mean": 24},
+        "outputTokens": {"kind": "fixed", "mean": 8},
+        "requestRate": {"requestsPerSecond": 4},  # declared: one load step per trial, no rate search
+    },
+}
 REFUSAL_LIMIT_S = 10.0  # a refusal must come fast; only contention on 2 shared cores makes it take seconds
 
 
@@ -132,12 +152,51 @@ class Scenarios:
         return result
 
     async def tuning(self) -> Result:
-        return Result(
-            "tuning >= 4 trials -> best promoted",
-            None,
-            note="not runnable: the operator does not act on spec.tuning (operator/reconcile.py never drives "
-            "tuner/cluster.py's state machine), so no trial can run in a cluster",
+        result = Result(f"tuning >= {TRIALS} trials -> best promoted", False)
+        old = (await self.c.status(NAME))["activeRevision"]
+        mark = time.monotonic()
+        await self._patch_spec(lambda s: s.update(tuning=TUNING))
+
+        async def tuned() -> dict[str, Any] | None:
+            status = await self.c.status(NAME)
+            return status if condition(status, "Tuned").get("status") == "True" else None
+
+        status, took = await wait_for(tuned, TUNING_TIMEOUT_S, "Tuned=True (best promoted)", self._detail)
+        tuning, active = status.get("tuning") or {}, status["activeRevision"]
+        best = tuning.get("best") or {}
+        knobs = ("maxNumSeqs", "maxNumBatchedTokens")
+        serving = {k: status["engineConfig"][k] for k in knobs}
+
+        async def trials_gone() -> bool:
+            deployments = await self.c.kube.list("Deployment", {"kvpilot.dev/inferenceservice": NAME})
+            jobs = await self.c.kube.list("Job", {"kvpilot.dev/tuning-of": NAME})
+            return not jobs and all("trial" not in d["metadata"]["name"] for d in deployments)
+
+        await wait_for(trials_gone, 60, "trial Deployments and load Jobs removed", self._detail)
+        # Pin what the study found and switch tuning off: the same engine settings, so no new rollout.
+        await self._patch_spec(lambda s: (s["engine"].update(serving), s.update(tuning={"enabled": False})))
+
+        async def untuned() -> dict[str, Any] | None:
+            status = await self.c.status(NAME)
+            return None if condition(status, "Tuned") or status.get("tuning") else status
+
+        after, _ = await wait_for(untuned, 60, "tuning switched off", self._detail)
+        failures = self._count(result, self.client.since(mark))
+        result.passed = (
+            not failures
+            and tuning.get("trialsRun", 0) >= TRIALS
+            and serving == {k: (best.get("config") or {}).get(k) for k in knobs}
+            and after.get("activeRevision") == active
+            and not after.get("candidateRevision")
         )
+        result.to_switch_s = took
+        result.note = (
+            f"{tuning.get('trialsRun')} trials; best {serving}: {best.get('goodputTokensPerSecond')} tok/s, "
+            f"TTFT p95 {best.get('ttftP95Ms')} ms, ITL p95 {best.get('itlP95Ms')} ms; "
+            f"{'promoted ' + old + ' -> ' + active if active != old else 'the serving configuration was best'}; "
+            f"pinned without a rollout: {after.get('activeRevision') == active}" + first_failure(failures)
+        )
+        return result
 
     async def upgrade(self) -> Result:
         result = Result("model revision upgrade -> blue-green switch", False)

@@ -37,7 +37,22 @@ secs_until 120 "SLOMet evaluated" bash -c \
   "kubectl get isvc demo -o jsonpath='{.status.conditions[?(@.type==\"SLOMet\")].status}' | grep -qx True" >/dev/null
 summary "apply -> Ready, SLOMet" "$ready" n/a 0
 
-echo "[SKIP] tuning >= 4 trials: not runnable, the operator does not act on spec.tuning yet"
+# Tuning: the harness's study (e2e/scenarios.py TUNING); then pin the best knobs and switch tuning off (no rollout).
+old=$(st activeRevision); start_load
+kubectl patch isvc demo --type merge -p '{"spec":{"tuning":{"enabled":true,"maxTrials":4,"trialDurationSeconds":10,
+  "searchSpace":{"gpuMemoryUtilization":{"fixed":0.9},"maxNumSeqs":{"min":2,"max":8},"maxNumBatchedTokens":{"min":64,"max":8192}},
+  "workload":{"inputTokens":{"kind":"fixed","mean":24},"outputTokens":{"kind":"fixed","mean":8},
+  "requestRate":{"requestsPerSecond":4}}}}}' >/dev/null
+tuned=$(secs_until 900 "Tuned=True" bash -c \
+  "kubectl get isvc demo -o jsonpath='{.status.conditions[?(@.type==\"Tuned\")].status}' | grep -qx True")s
+trials=$(st tuning.trialsRun); best=$(kubectl get isvc demo -o jsonpath='{.status.tuning.best.config}')
+(( trials >= 4 )) || { echo "[FAIL] tuning: only $trials trials"; exit 1; }
+seqs=$(st engineConfig.maxNumSeqs); chunk=$(st engineConfig.maxNumBatchedTokens); active=$(st activeRevision)
+kubectl patch isvc demo --type merge -p "{\"spec\":{\"engine\":{\"maxNumSeqs\":$seqs,\"maxNumBatchedTokens\":$chunk},
+  \"tuning\":{\"enabled\":false}}}" >/dev/null
+secs_until 60 "tuning switched off" bash -c "[[ -z \"\$(kubectl get isvc demo -o jsonpath='{.status.tuning}')\" ]]" >/dev/null
+[[ "$(st activeRevision)" == "$active" ]] || { echo "[FAIL] pinning the tuned knobs started a rollout"; exit 1; }
+summary "tuning >= 4 trials -> best promoted ($trials trials, $old -> $active, best $best)" n/a "$tuned" 0
 
 old=$(st activeRevision); start_load
 kubectl patch isvc demo --type merge -p '{"spec":{"model":{"revision":"r2"}}}' >/dev/null

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
 
-import kmock
 import pytest
 
-from e2e.apiserver import ApiServer
 from e2e.kube import Kube
 from e2e.pod import container_command
-
-
-@pytest.fixture()
-async def kube() -> AsyncIterator[Kube]:
-    api = ApiServer()
-    api.setup()
-    async with api, kmock.Server(api) as server:
-        client = Kube(str(server.url).rstrip("/"), "default")
-        yield client
-        await client.close()
 
 
 def _deployment(name: str) -> dict:

@@ -11,23 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp.web
-import kmock
 import pytest
 
-from e2e.apiserver import ApiServer
 from e2e.jobs import JobController
 from e2e.kube import ApiError, Kube
 from e2e.node import Node
-
-
-@pytest.fixture()
-async def kube() -> AsyncIterator[Kube]:
-    api = ApiServer()
-    api.setup()
-    async with api, kmock.Server(api) as server:
-        client = Kube(str(server.url).rstrip("/"), "default")
-        yield client
-        await client.close()
 
 
 @pytest.fixture()
