@@ -107,10 +107,10 @@ class PodDouble:
 
 
 class FakePrometheus:
-    """Answers /api/v1/query like Prometheus, with a value per metric name found in the query."""
+    """Answers /api/v1/query like Prometheus: `value(query)` decides; here, a value per metric name in the query."""
 
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = values
+    def __init__(self, values: dict[str, str] | None = None) -> None:
+        self.values = values or {}
         self.queries: list[str] = []
         fake = self
 
@@ -124,8 +124,8 @@ class FakePrometheus:
 
             def _answer(self, query: str) -> None:
                 fake.queries.append(query)
-                value = next((v for k, v in fake.values.items() if k in query), None)
-                result: list[dict[str, Any]] = [] if value is None else [{"metric": {}, "value": [0, value]}]
+                value = fake.value(query)
+                result = [] if value is None else [{"metric": {}, "value": [time.time(), str(value)]}]
                 payload = {"status": "success", "data": {"resultType": "vector", "result": result}}
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -138,6 +138,9 @@ class FakePrometheus:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def value(self, query: str) -> float | str | None:
+        return next((v for k, v in self.values.items() if k in query), None)
 
     def close(self) -> None:
         self.server.shutdown()

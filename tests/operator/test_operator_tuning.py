@@ -14,12 +14,9 @@ import asyncio
 import contextlib
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
@@ -28,7 +25,7 @@ from kvpilot.operator.config import OperatorConfig
 from .conftest import NAMESPACE, isvc
 from .emulator import Emulator
 from .flows import MERGE, condition, create, deploy_ready, deployment_names, event_reasons, isvc_status, mark_ready
-from .harness import PodDouble, eventually
+from .harness import FakePrometheus, PodDouble, eventually
 
 OUTPUT_TOKENS = 32
 CRASHING_SEQS = 200  # trials at or above this crash-loop: "the KV pool is too small for that many sequences"
@@ -38,38 +35,12 @@ def capacity(seqs: int, chunk: int) -> float:
     return 2.0 + 10.0 * min(seqs, 128) / 128 * (1.0 if chunk <= 2048 else 0.6)
 
 
-class SurfacePrometheus:
-    """Answers /api/v1/query for `revision="..."` from what the last load step of that revision offered."""
+class SurfacePrometheus(FakePrometheus):
+    """Answers for `revision="..."` from what the last load step of that revision offered."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.offered: dict[str, tuple[float, float]] = {}  # revision -> (request rate, capacity)
-        self.queries: list[str] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self._answer(parse_qs(urlparse(self.path).query).get("query", [""])[0])
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-                self._answer(parse_qs(body).get("query", [""])[0])
-
-            def _answer(self, query: str) -> None:
-                fake.queries.append(query)
-                value = fake.value(query)
-                result = [] if value is None else [{"metric": {}, "value": [time.time(), str(value)]}]
-                payload = json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload.encode())
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def value(self, query: str) -> float | None:
         revision = re.search(r'revision="([^"]+)"', query)
@@ -86,10 +57,6 @@ class SurfacePrometheus:
             seconds = int(window.group(1)) / 1000 if window else 1.0
             return min(rate, cap) * OUTPUT_TOKENS * seconds
         return None
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _arg(args: list[str], flag: str) -> str:
