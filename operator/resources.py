@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from typing import Any
 
 from kvpilot.operator.spec import InferenceServiceSpec
@@ -22,6 +24,9 @@ LABEL_REVISION = "kvpilot.dev/revision"
 LABEL_ISVC = "kvpilot.dev/inferenceservice"
 # The revision's ConfigMap keeps the spec it was built from, so it can be rebuilt after the spec moved on.
 SPEC_KEY = "spec.json"
+QUANTITY_SUFFIXES = {
+    "m": 1e-3, "k": 1e3, "Ki": 2**10, "M": 1e6, "Mi": 2**20, "G": 1e9, "Gi": 2**30, "T": 1e12, "Ti": 2**40
+}
 
 
 def _revision_inputs(spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -129,9 +134,16 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
+def cpu_threads(cpu: int | str) -> int:
+    """Whole CPUs in a request (`500m` -> 1, `2.5` -> 3): torch otherwise sizes its thread pools by the node's
+    cores, not the pod's share, and oversubscribed spinning threads stall every process on the node."""
+    number, suffix = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(cpu)).groups()  # type: ignore[union-attr]
+    return max(1, math.ceil(float(number) * QUANTITY_SUFFIXES.get(suffix, 1)))
+
+
 def pod_template(name: str, spec: InferenceServiceSpec, revision: str) -> dict[str, Any]:
     model_path, volumes, mounts = _model_source(spec)
-    env: list[dict[str, Any]] = []
+    env: list[dict[str, Any]] = [{"name": "OMP_NUM_THREADS", "value": str(cpu_threads(spec.resources.cpu))}]
     if spec.engine.api_key_secret:
         key_ref = {"name": spec.engine.api_key_secret, "key": "api-key"}
         env.append({"name": "KVPILOT_API_KEY", "valueFrom": {"secretKeyRef": key_ref}})

@@ -62,7 +62,9 @@ def test_gpu_pod_on_a_pvc_model():
     assert container["args"][container["args"].index("--model") + 1] == "/mnt/model/llama-8b"
     assert pod["terminationGracePeriodSeconds"] > 30 + res.PRESTOP_SLEEP_SECONDS
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(res.PRESTOP_SLEEP_SECONDS)]
-    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "llm-key", "key": "api-key"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KVPILOT_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llm-key", "key": "api-key"}
+    assert env["OMP_NUM_THREADS"]["value"] == "8"
 
 
 def test_hostpath_and_image_directory_models():
@@ -107,3 +109,7 @@ def test_subset_comparison_ignores_server_defaults_but_not_changes():
     assert not is_subset(desired, {"spec": {"ports": [], "selector": {"a": "1"}}})
     # The API server drops empty lists and maps: what we send as [] or {} must not look like drift.
     assert is_subset({"spec": {"env": [], "nodeSelector": {}, "x": 1}}, {"spec": {"x": 1}})
+
+
+def test_cpu_threads_round_a_request_up_to_whole_cpus():
+    assert [res.cpu_threads(q) for q in ("500m", "1", 2, "2.5", "1500m")] == [1, 1, 2, 3, 2]
