@@ -107,7 +107,8 @@ class PodDouble:
 
 
 class FakePrometheus:
-    """Answers /api/v1/query like Prometheus: `value(query)` decides; here, a value per metric name in the query."""
+    """Answers /api/v1/query like Prometheus: `value(query)` decides (one value, or (labels, value) rows);
+    here, a value per metric name in the query."""
 
     def __init__(self, values: dict[str, str] | None = None) -> None:
         self.values = values or {}
@@ -125,7 +126,8 @@ class FakePrometheus:
             def _answer(self, query: str) -> None:
                 fake.queries.append(query)
                 value = fake.value(query)
-                result = [] if value is None else [{"metric": {}, "value": [time.time(), str(value)]}]
+                rows = value if isinstance(value, list) else [] if value is None else [({}, value)]
+                result = [{"metric": labels, "value": [time.time(), str(v)]} for labels, v in rows]
                 payload = {"status": "success", "data": {"resultType": "vector", "result": result}}
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -139,7 +141,7 @@ class FakePrometheus:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def value(self, query: str) -> float | str | None:
+    def value(self, query: str) -> float | str | list[tuple[dict[str, str], float]] | None:
         return next((v for k, v in self.values.items() if k in query), None)
 
     def close(self) -> None:

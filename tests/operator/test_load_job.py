@@ -1,4 +1,5 @@
-"""The tuning load Job: a valid batch/v1 manifest whose pod no Service selects, and its result read back."""
+"""The tuning load Job (a valid batch/v1 manifest whose pod no Service selects, its result read back) and the
+live SLO attainment that restarts a finished study."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import json
 import math
 
 from kvpilot.operator import resources as res
+from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.load_job import SUMMARY_PATH, lengths, load_job, load_result, workload_args
 from kvpilot.operator.spec import LengthDistribution, WorkloadSpec, parse_spec
+from kvpilot.operator.tuning import TuningDriver
 from kvpilot.tuner.metrics import share_within
 
 from .conftest import BASE_SPEC
+from .harness import FakePrometheus
 from .test_chart_and_examples import validate_k8s
 
 
@@ -73,3 +77,26 @@ def test_attainment_counts_at_the_bucket_bound_below_the_target():
     assert share_within(buckets, 0.3) == 0.80  # 0.3 is not a bound: counted at 0.25, never overstated
     assert share_within(buckets, 0.05) == 0.0
     assert share_within({math.inf: 0.0}, 0.5) is None
+
+
+class BucketsPrometheus(FakePrometheus):
+    """Per-bucket increases of the live revision: 90% of first tokens within 0.5 s, 99% of gaps within 50 ms."""
+
+    def value(self, query: str) -> list[tuple[dict[str, str], float]] | None:
+        if 'revision="live"' not in query:
+            return None
+        counts = {"0.25": 60.0, "0.5": 90.0} if "time_to_first_token" in query else {"0.05": 99.0}
+        return [({"le": le}, n) for le, n in {**counts, "+Inf": 100.0}.items()]
+
+
+def test_live_attainment_is_the_worse_share_within_the_slo():
+    prometheus = BucketsPrometheus()
+    try:
+        spec = parse_spec({**BASE_SPEC, "slo": {"ttftP95Ms": 500, "itlP95Ms": 50},
+                           "monitoring": {"prometheusUrl": prometheus.url}, "tuning": {"enabled": True}})
+        driver = TuningDriver(None, "llm", "uid", spec, OperatorConfig(), None, None)  # type: ignore[arg-type]
+        assert driver._attainment("live") == 0.9
+        assert any("sum by (le) (increase(kvpilot:inter_token_latency_seconds_bucket" in q for q in prometheus.queries)
+        assert driver._attainment("other") is None  # no traffic: no reason to re-tune
+    finally:
+        prometheus.close()
