@@ -145,11 +145,18 @@ class ServiceProxy:
                     response.headers[key] = upstream.headers[key]
             response.headers[POD_HEADER] = pod
             await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                event = {"error": {"message": f"pod {pod} failed mid-response: {exc!r}", "type": "proxy_error"}}
-                await response.write(f"data: {json.dumps(event)}\n\n".encode())
-            await response.write_eof()
+            with contextlib.suppress(ConnectionResetError):  # the client left first: nothing more to tell it
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    if isinstance(exc, ConnectionResetError) and _client_gone(request):
+                        raise
+                    event = {"error": {"message": f"pod {pod} failed mid-response: {exc!r}", "type": "proxy_error"}}
+                    await response.write(f"data: {json.dumps(event)}\n\n".encode())
+                await response.write_eof()
         return response
+
+
+def _client_gone(request: aiohttp.web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()

@@ -83,14 +83,15 @@ class Scenarios:
     def _stable_revision(self) -> str | None:
         return self.c.proxy.selectors.get(NAME, {}).get(LABEL_REVISION)
 
-    async def _switch(self, old: str, since: float, result: Result) -> None:
-        """Times, from `since`, until a pod of a new revision is ready (as first seen by this poll) and until
-        the stable Service selects it (as the proxy sees it)."""
+    async def _switch(self, old: str, since: float, result: Result, existing: set[str]) -> None:
+        """Times, from `since`, until a pod of a revision not in `existing` (what the node ran before the change,
+        e.g. a revision still retiring) is ready (as first seen by this poll) and until the stable Service
+        selects it (as the proxy sees it)."""
         started = since
 
         async def moved() -> bool:
             if result.to_ready_s is None and any(
-                r.ready for name, r in self.c.node.runners.items() if self.c.node.revision.get(name) != old
+                r.ready for name, r in self.c.node.runners.items() if self.c.node.revision.get(name) not in existing
             ):
                 result.to_ready_s = time.monotonic() - started
             return self._stable_revision() not in (None, old)
@@ -201,9 +202,9 @@ class Scenarios:
     async def upgrade(self) -> Result:
         result = Result("model revision upgrade -> blue-green switch", False)
         old = (await self.c.status(NAME))["activeRevision"]
-        mark = time.monotonic()
+        mark, existing = time.monotonic(), set(self.c.node.revision.values())
         await self._patch_spec(lambda s: s["model"].update(revision="r2"))
-        await self._switch(old, mark, result)
+        await self._switch(old, mark, result, existing)
         status = await self.c.status(NAME)
         await self._drained(old)
         failures = self._count(result, self.client.since(mark))
@@ -264,7 +265,7 @@ class Scenarios:
     async def operator_restart(self) -> Result:
         result = Result("operator killed and restarted mid-rollout", False)
         old = (await self.c.status(NAME))["activeRevision"]
-        mark = time.monotonic()
+        mark, existing = time.monotonic(), set(self.c.node.revision.values())
         await self._patch_spec(lambda s: s["model"].update(revision="r4"))
 
         async def rolling() -> str | None:
@@ -275,7 +276,7 @@ class Scenarios:
         self.c.operator.kill()
         await asyncio.sleep(2)
         self.c.operator.start()
-        await self._switch(old, mark, result)
+        await self._switch(old, mark, result, existing)
         status = await self.c.status(NAME)
         await self._drained(old)
         failures = self._count(result, self.client.since(mark))
