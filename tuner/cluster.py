@@ -233,10 +233,15 @@ def settings_from_spec(spec: Any, revision_prefix: str = "trial") -> ClusterSett
     return ClusterSettings(
         enabled=t.enabled, max_trials=t.max_trials, rate=settings,
         step_seconds=t.trial_duration_seconds / settings.steps,
-        slo=SLO(ttft_p95_ms=spec.slo.ttft_p95_ms, itl_p95_ms=spec.slo.itl_p95_ms,
-                min_throughput_tokens_per_second=spec.slo.min_throughput_tokens_per_second),
+        slo=SLO(ttft_p95_ms=spec.slo.ttft_p95_ms, itl_p95_ms=spec.slo.itl_p95_ms, min_throughput_tokens_per_second=
+                _per_replica(spec.slo.min_throughput_tokens_per_second, spec.replicas)),
         ready_timeout_s=spec.rollout.ready_timeout_seconds, gpus=max(1, spec.resources.gpus_per_replica),
         retune_below_attainment=t.retune_below_attainment, revision_prefix=revision_prefix)
+
+
+def _per_replica(service_floor: float | None, replicas: int) -> float | None:
+    """minThroughputTokensPerSecond holds for the whole service; a trial measures one of its replicas."""
+    return None if service_floor is None else service_floor / max(1, replicas)
 
 
 def space_from_spec(spec: Any) -> SearchSpace:

@@ -130,13 +130,14 @@ def test_retuning_starts_when_live_attainment_drops() -> None:
 
 def test_settings_and_space_come_from_the_inference_service_spec() -> None:
     spec = parse_spec({
-        "model": {"name": "m", "uri": "demo"}, "resources": {"gpusPerReplica": 4},
-        "slo": {"ttftP95Ms": 300, "itlP95Ms": 40},
+        "model": {"name": "m", "uri": "demo"}, "resources": {"gpusPerReplica": 4}, "replicas": 3,
+        "slo": {"ttftP95Ms": 300, "itlP95Ms": 40, "minThroughputTokensPerSecond": 6000},
         "tuning": {"enabled": True, "maxTrials": 12, "trialDurationSeconds": 90,
                    "searchSpace": {"maxNumSeqs": {"min": 16, "max": 256}, "gpuMemoryUtilization": {"fixed": 0.9}}},
     })
     s = settings_from_spec(spec)
     assert (s.max_trials, s.gpus, s.slo.ttft_p95_ms, s.step_seconds) == (12, 4, 300, 30)
+    assert s.slo.min_throughput_tokens_per_second == 2000  # the service's floor, shared by its 3 replicas
     space = space_from_spec(spec)
     assert space.knob("tensor_parallel_size").choices == (1, 2, 4)
     assert (space.knob("max_num_seqs").low, space.knob("max_num_seqs").high) == (16, 256)
