@@ -266,10 +266,12 @@ class TuningDriver:
         for action in actions:
             if isinstance(action, DeployCandidate):
                 events.append(Event("Normal", "TrialStarted", f"{action.revision}: {_knobs(action.engine)}"))
-            elif isinstance(action, DeleteCandidate) and records:
-                o = records[-1].outcome
-                events.append(Event("Normal", "TrialFinished", f"{action.revision}: {o.status}, "
-                                    f"{o.goodput_per_gpu:.0f} tok/s per GPU{f' ({o.reason})' if o.reason else ''}"))
+            elif isinstance(action, DeleteCandidate):
+                finished = [r for r in records if r.ran and r.note == action.revision]
+                if finished:
+                    o = finished[-1].outcome
+                    events.append(Event("Normal", "TrialFinished", f"{action.revision}: {o.status}, "
+                                        f"{o.goodput_per_gpu:.0f} tok/s per GPU{f' ({o.reason})' if o.reason else ''}"))
             elif isinstance(action, Promote):
                 events.append(Event("Normal", "TuningPromoted", f"promoting {_knobs(action.engine)}: {state.message}"))
         if state.phase == "Failed" and not any(isinstance(a, Promote) for a in actions) and actions:
