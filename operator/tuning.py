@@ -335,9 +335,9 @@ class TuningDriver:
             if status.active_revision != desired:
                 status.set_condition("Tuned", False, "Promoting", f"rolling out the best: {state.message}", gen)
         elif state.phase == "Failed":
-            status.set_condition("Tuned", False, "NoFeasibleConfiguration", state.message, gen)
+            status.set_condition("Tuned", False, "TuningFailed", state.message, gen)
         elif state.trial is not None:
-            n, total = len(state.study.records) + 1, self.spec.tuning.max_trials
+            n, total = sum(r.ran for r in state.study.records) + 1, self.spec.tuning.max_trials
             status.set_condition("Tuned", False, "Tuning", f"trial {n} of at most {total} ({state.phase})", gen)
 
 
