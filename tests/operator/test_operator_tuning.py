@@ -66,10 +66,14 @@ def _arg(args: list[str], flag: str) -> str:
 class Controllers:
     """The Deployment controller and the Job controller, as far as the operator can tell them apart."""
 
-    def __init__(self, api: httpx.AsyncClient, em: Emulator, prometheus: SurfacePrometheus) -> None:
+    def __init__(
+        self, api: httpx.AsyncClient, em: Emulator, prometheus: SurfacePrometheus, promotions_start: bool = True
+    ) -> None:
         self.api, self.em, self.prometheus = api, em, prometheus
+        self.promotions_start = promotions_start  # False: only the first serving revision ever becomes ready
         self.done: set[str] = set()
         self.jobs_seen: list[str] = []
+        self.serving: list[str] = []
 
     async def run(self) -> None:
         while True:
@@ -92,6 +96,10 @@ class Controllers:
             await self._pod(f"{name}-x", d["spec"]["template"]["metadata"]["labels"], None,
                             {"phase": "Running", "containerStatuses": [crashing]})
             return
+        if not revision.startswith("trial-"):
+            self.serving.append(name)
+            if len(self.serving) > 1 and not self.promotions_start:
+                return
         await mark_ready(self.api, self.em, name)
 
     async def _job(self, job: dict[str, Any]) -> None:
@@ -258,3 +266,31 @@ async def test_disabling_tuning_removes_the_study(emulator, start_operator, api,
             await task
 
 
+
+
+async def test_a_promotion_the_rollout_rolls_back_is_dropped(emulator, start_operator, api, surface):
+    em, _ = emulator
+    controllers = Controllers(api, em, surface, promotions_start=False)
+    task = asyncio.get_running_loop().create_task(controllers.run())
+    try:
+        start_operator()
+        body = tuned_isvc(surface.url)
+        body["spec"]["rollout"]["readyTimeoutSeconds"] = 3
+        # The serving 256 sequences lie outside the space: every trial differs from it, so the best is a new revision.
+        body["spec"]["tuning"].update(maxTrials=2, searchSpace={"maxNumSeqs": {"min": 8, "max": 64}})
+        await create(api, body)
+        live = await eventually(lambda: isvc_status(em, "llm").get("activeRevision"), what="first revision live")
+        tuned = await eventually(lambda: (c := condition(em, "llm", "Tuned")) and c["reason"] == "TuningFailed" and c,
+                                 timeout=60, what="Tuned=False after the rollback",
+                                 detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
+        assert "rolled back" in tuned["message"]
+        status = isvc_status(em, "llm")
+        assert status["activeRevision"] == live and study(em)["promoted"] is None
+        assert status["tuning"]["state"] == "Failed" and status["tuning"]["trialsRun"] == 2
+        assert len(controllers.serving) == 2  # the promotion was tried, as a blue-green candidate
+        await eventually(lambda: isvc_status(em, "llm")["engineConfig"]["maxNumSeqs"] == 256, what="user engine serves")
+        assert "TuningPromotionRolledBack" in set(event_reasons(em, "llm"))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
