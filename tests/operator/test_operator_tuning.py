@@ -41,8 +41,12 @@ class SurfacePrometheus(FakePrometheus):
     def __init__(self) -> None:
         super().__init__()
         self.offered: dict[str, tuple[float, float]] = {}  # revision -> (request rate, capacity)
+        self.live_share: float | None = None  # share of live requests within every bucket bound (None: no traffic)
 
-    def value(self, query: str) -> float | None:
+    def value(self, query: str) -> float | list[tuple[dict[str, str], float]] | None:
+        if query.startswith("sum by (le) (increase("):  # live SLO attainment
+            share = self.live_share
+            return None if share is None else [({"le": "0.001"}, 100 * share), ({"le": "+Inf"}, 100.0)]
         revision = re.search(r'revision="([^"]+)"', query)
         rate, cap = self.offered.get(revision.group(1) if revision else "", (1.0, 10.0))
         overloaded = rate > cap
@@ -290,6 +294,32 @@ async def test_a_promotion_the_rollout_rolls_back_is_dropped(emulator, start_ope
         assert len(controllers.serving) == 2  # the promotion was tried, as a blue-green candidate
         await eventually(lambda: isvc_status(em, "llm")["engineConfig"]["maxNumSeqs"] == 256, what="user engine serves")
         assert "TuningPromotionRolledBack" in set(event_reasons(em, "llm"))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_live_attainment_below_the_threshold_starts_the_study_over(emulator, start_operator, api, surface):
+    em, _ = emulator
+    controllers = Controllers(api, em, surface)
+    task = asyncio.get_running_loop().create_task(controllers.run())
+    try:
+        start_operator()
+        body = tuned_isvc(surface.url)
+        body["spec"]["tuning"].update(maxTrials=2, retuneBelowAttainment=0.9,
+                                      searchSpace={"maxNumSeqs": {"min": 8, "max": 64}})
+        await create(api, body)
+        await eventually(lambda: (c := condition(em, "llm", "Tuned")) and c["status"] == "True", timeout=60,
+                         what="first study done", detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
+        surface.live_share = 0.95  # within the SLO often enough: the study stays done
+        await asyncio.sleep(1.0)
+        assert study(em)["phase"] == "Done"
+        surface.live_share = 0.5
+        restarted = await eventually(lambda: (s := study(em)) and s["phase"] != "Done" and s, timeout=30,
+                                     what="the study to start over")
+        assert "live SLO attainment 50.0%" in restarted["message"]
+        assert len(restarted["study"]["records"]) <= 1  # a fresh study (its first trial may have started)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
