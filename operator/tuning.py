@@ -121,7 +121,7 @@ class TuningDriver:
             state.phase, state.promoted = "Failed", None
             state.message = f"the rollout of the best configuration was rolled back: {self._last_failure(status)}"
             events.append(Event("Warning", "TuningPromotionRolledBack", state.message))
-        gen = status.observed_generation
+        gen, advanced = status.observed_generation, False
         if self.prometheus is None:
             status.set_condition("Tuned", False, "PrometheusRequired", "tuning reads trial metrics from "
                                  "spec.monitoring.prometheusUrl", gen)
@@ -132,9 +132,11 @@ class TuningDriver:
         else:
             state, actions = advance(state, settings, self._observe(state, settings, status, at))
             events += self._describe(state, actions)
-            self.changed = bool(actions)
-            self._condition(state, status, res.revision_of(effective_spec(self.spec, state)))
-        if state.phase == "Done" and status.active_revision == res.revision_of(effective_spec(self.spec, state)):
+            self.changed, advanced = bool(actions), True
+        target = res.revision_of(effective_spec(self.spec, state))  # what serves once the study's best is live
+        if advanced:
+            self._condition(state, status, target)
+        if state.phase == "Done" and status.active_revision == target:
             status.set_condition("Tuned", True, "BestPromoted", state.message, gen)
         key = (self.applier.namespace, self.name)
         if key not in _swept or (self.stored is not None and state != self.stored):

@@ -15,7 +15,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -70,11 +70,9 @@ def _arg(args: list[str], flag: str) -> str:
 class Controllers:
     """The Deployment controller and the Job controller, as far as the operator can tell them apart."""
 
-    def __init__(
-        self, api: httpx.AsyncClient, em: Emulator, prometheus: SurfacePrometheus, promotions_start: bool = True
-    ) -> None:
+    def __init__(self, api: httpx.AsyncClient, em: Emulator, prometheus: SurfacePrometheus) -> None:
         self.api, self.em, self.prometheus = api, em, prometheus
-        self.promotions_start = promotions_start  # False: only the first serving revision ever becomes ready
+        self.promotions_start = True  # False: only the first serving revision ever becomes ready
         self.done: set[str] = set()
         self.jobs_seen: list[str] = []
         self.serving: list[str] = []
@@ -154,6 +152,17 @@ def surface() -> Iterator[SurfacePrometheus]:
 
 
 @pytest.fixture()
+async def controllers(api, emulator, surface) -> AsyncIterator[Controllers]:
+    """The Deployment and Job controller doubles, running on the test's event loop for the whole test."""
+    running = Controllers(api, emulator[0], surface)
+    task = asyncio.get_running_loop().create_task(running.run())
+    yield running
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@pytest.fixture()
 def operator_config(pods: PodDouble) -> OperatorConfig:
     return OperatorConfig(resync_seconds=0.2, service_url_template=pods.url_template, scrape_interval_seconds=0.05)
 
@@ -177,64 +186,57 @@ def study(em: Emulator) -> dict[str, Any]:
 
 
 async def test_tuning_trials_persist_across_restart_and_the_best_is_promoted(
-    emulator, start_operator, api, pods, surface
+    emulator, start_operator, api, pods, surface, controllers
 ):
     em, _ = emulator
-    controllers = Controllers(api, em, surface)
-    task = asyncio.get_running_loop().create_task(controllers.run())
-    try:
-        op = start_operator()
-        await create(api, tuned_isvc(surface.url))
-        live = await eventually(lambda: isvc_status(em, "llm").get("activeRevision"), what="first revision live")
+    op = start_operator()
+    await create(api, tuned_isvc(surface.url))
+    live = await eventually(lambda: isvc_status(em, "llm").get("activeRevision"), what="first revision live")
 
-        # Trial 0 is the serving configuration (256 sequences): it crash-loops, so it is infeasible.
-        await eventually(lambda: len(study(em).get("study", {}).get("records", [])) >= 2, timeout=60,
-                         what="two trials recorded", detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
-        await op.stop()
-        before = study(em)["study"]["records"]
-        first = before[0]
-        assert first["params"]["max_num_seqs"] == 256 and first["outcome"]["status"] == "infeasible"
-        assert "CrashLoopBackOff" in first["outcome"]["reason"]
+    # Trial 0 is the serving configuration (256 sequences): it crash-loops, so it is infeasible.
+    await eventually(lambda: len(study(em).get("study", {}).get("records", [])) >= 2, timeout=60,
+                     what="two trials recorded", detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
+    await op.stop()
+    before = study(em)["study"]["records"]
+    first = before[0]
+    assert first["params"]["max_num_seqs"] == 256 and first["outcome"]["status"] == "infeasible"
+    assert "CrashLoopBackOff" in first["outcome"]["reason"]
 
-        start_operator()  # a new operator process continues the same study
-        await eventually(lambda: condition(em, "llm", "Tuned") and condition(em, "llm", "Tuned")["status"] == "True",
-                         timeout=90, what="Tuned", detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
-        records = study(em)["study"]["records"]
-        assert [r["params"] for r in records[: len(before)]] == [r["params"] for r in before]
-        ran = [r for r in records if r["ran"]]
-        assert len(ran) == 5
-        feasible = [r for r in ran if r["outcome"]["status"] != "infeasible"]
-        assert feasible and all(r["params"]["max_num_seqs"] < CRASHING_SEQS for r in feasible)
-        revisions = [r["note"] for r in ran]
-        assert len(set(revisions)) == len(revisions) and all(r.startswith("trial-") for r in revisions)
+    start_operator()  # a new operator process continues the same study
+    await eventually(lambda: condition(em, "llm", "Tuned") and condition(em, "llm", "Tuned")["status"] == "True",
+                     timeout=90, what="Tuned", detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
+    records = study(em)["study"]["records"]
+    assert [r["params"] for r in records[: len(before)]] == [r["params"] for r in before]
+    ran = [r for r in records if r["ran"]]
+    assert len(ran) == 5
+    feasible = [r for r in ran if r["outcome"]["status"] != "infeasible"]
+    assert feasible and all(r["params"]["max_num_seqs"] < CRASHING_SEQS for r in feasible)
+    revisions = [r["note"] for r in ran]
+    assert len(set(revisions)) == len(revisions) and all(r.startswith("trial-") for r in revisions)
 
-        status = isvc_status(em, "llm")
-        tuning = status["tuning"]
-        assert tuning["state"] == "Done" and tuning["trialsRun"] == 5 and tuning["studyConfigMap"] == "llm-tuning"
-        best = tuning["best"]
-        ok = [r for r in ran if r["outcome"]["status"] == "ok"]
-        top = max(r["outcome"]["goodput_per_gpu"] for r in ok)
-        assert best["goodputTokensPerSecond"] == pytest.approx(top, rel=1e-3)
-        assert best["ttftP95Ms"] is not None and best["itlP95Ms"] is not None
-        # Promoted through blue-green: a new revision, verified through the preview Service, with the best knobs.
-        assert status["activeRevision"] != live
-        assert status["engineConfig"]["maxNumSeqs"] == best["config"]["maxNumSeqs"]
-        assert any(service == "llm-preview" for service, _ in pods.calls)
-        history = [(h["revision"], h["result"]) for h in status["history"]]
-        assert history[-1] == (status["activeRevision"], "Promoted")
+    status = isvc_status(em, "llm")
+    tuning = status["tuning"]
+    assert tuning["state"] == "Done" and tuning["trialsRun"] == 5 and tuning["studyConfigMap"] == "llm-tuning"
+    best = tuning["best"]
+    ok = [r for r in ran if r["outcome"]["status"] == "ok"]
+    top = max(r["outcome"]["goodput_per_gpu"] for r in ok)
+    assert best["goodputTokensPerSecond"] == pytest.approx(top, rel=1e-3)
+    assert best["ttftP95Ms"] is not None and best["itlP95Ms"] is not None
+    # Promoted through blue-green: a new revision, verified through the preview Service, with the best knobs.
+    assert status["activeRevision"] != live
+    assert status["engineConfig"]["maxNumSeqs"] == best["config"]["maxNumSeqs"]
+    assert any(service == "llm-preview" for service, _ in pods.calls)
+    history = [(h["revision"], h["result"]) for h in status["history"]]
+    assert history[-1] == (status["activeRevision"], "Promoted")
 
-        # Every trial's children are gone: Deployments, the trial Service, the load Jobs.
-        await eventually(lambda: all(not d.startswith("llm-trial-") for d in deployment_names(em)),
-                         what="trial Deployments removed")
-        assert em.find("services", NAMESPACE, "llm-tuning") is None
-        await eventually(lambda: not em.all("jobs", NAMESPACE), what="load Jobs removed")
-        assert len(controllers.jobs_seen) >= 5  # at least one load step per feasible trial
-        reasons = set(event_reasons(em, "llm"))
-        assert {"TrialStarted", "TrialFinished", "TuningPromoted"} <= reasons
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # Every trial's children are gone: Deployments, the trial Service, the load Jobs.
+    await eventually(lambda: all(not d.startswith("llm-trial-") for d in deployment_names(em)),
+                     what="trial Deployments removed")
+    assert em.find("services", NAMESPACE, "llm-tuning") is None
+    await eventually(lambda: not em.all("jobs", NAMESPACE), what="load Jobs removed")
+    assert len(controllers.jobs_seen) >= 5  # at least one load step per feasible trial
+    reasons = set(event_reasons(em, "llm"))
+    assert {"TrialStarted", "TrialFinished", "TuningPromoted"} <= reasons
 
 
 async def test_tuning_waits_for_prometheus(emulator, start_operator, api, surface):
@@ -249,78 +251,60 @@ async def test_tuning_waits_for_prometheus(emulator, start_operator, api, surfac
     assert not [d for d in deployment_names(em) if "trial" in d]
 
 
-async def test_disabling_tuning_removes_the_study(emulator, start_operator, api, surface):
+async def test_disabling_tuning_removes_the_study(emulator, start_operator, api, surface, controllers):
     em, _ = emulator
-    controllers = Controllers(api, em, surface)
-    task = asyncio.get_running_loop().create_task(controllers.run())
-    try:
-        start_operator()
-        await create(api, tuned_isvc(surface.url))
-        await eventually(lambda: study(em).get("trial"), timeout=30, what="a trial in flight")
-        response = await api.patch(f"/apis/kvpilot.dev/v1alpha1/namespaces/{NAMESPACE}/inferenceservices/llm",
-                                   json={"spec": {"tuning": {"enabled": False}}}, headers=MERGE)
-        assert response.status_code == 200
-        await eventually(lambda: em.find("configmaps", NAMESPACE, "llm-tuning") is None, what="study removed")
-        await eventually(lambda: all("trial" not in d for d in deployment_names(em)), what="trial removed")
-        await eventually(lambda: condition(em, "llm", "Tuned") is None, what="Tuned condition dropped")
-        assert isvc_status(em, "llm").get("tuning") is None
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    start_operator()
+    await create(api, tuned_isvc(surface.url))
+    await eventually(lambda: study(em).get("trial"), timeout=30, what="a trial in flight")
+    response = await api.patch(f"/apis/kvpilot.dev/v1alpha1/namespaces/{NAMESPACE}/inferenceservices/llm",
+                               json={"spec": {"tuning": {"enabled": False}}}, headers=MERGE)
+    assert response.status_code == 200
+    await eventually(lambda: em.find("configmaps", NAMESPACE, "llm-tuning") is None, what="study removed")
+    await eventually(lambda: all("trial" not in d for d in deployment_names(em)), what="trial removed")
+    await eventually(lambda: condition(em, "llm", "Tuned") is None, what="Tuned condition dropped")
+    assert isvc_status(em, "llm").get("tuning") is None
 
 
 
 
-async def test_a_promotion_the_rollout_rolls_back_is_dropped(emulator, start_operator, api, surface):
+async def test_a_promotion_the_rollout_rolls_back_is_dropped(emulator, start_operator, api, surface, controllers):
     em, _ = emulator
-    controllers = Controllers(api, em, surface, promotions_start=False)
-    task = asyncio.get_running_loop().create_task(controllers.run())
-    try:
-        start_operator()
-        body = tuned_isvc(surface.url)
-        body["spec"]["rollout"]["readyTimeoutSeconds"] = 3
-        # The serving 256 sequences lie outside the space: every trial differs from it, so the best is a new revision.
-        body["spec"]["tuning"].update(maxTrials=2, searchSpace={"maxNumSeqs": {"min": 8, "max": 64}})
-        await create(api, body)
-        live = await eventually(lambda: isvc_status(em, "llm").get("activeRevision"), what="first revision live")
-        tuned = await eventually(lambda: (c := condition(em, "llm", "Tuned")) and c["reason"] == "TuningFailed" and c,
-                                 timeout=60, what="Tuned=False after the rollback",
-                                 detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
-        assert "rolled back" in tuned["message"]
-        status = isvc_status(em, "llm")
-        assert status["activeRevision"] == live and study(em)["promoted"] is None
-        assert status["tuning"]["state"] == "Failed" and status["tuning"]["trialsRun"] == 2
-        assert len(controllers.serving) == 2  # the promotion was tried, as a blue-green candidate
-        await eventually(lambda: isvc_status(em, "llm")["engineConfig"]["maxNumSeqs"] == 256, what="user engine serves")
-        assert "TuningPromotionRolledBack" in set(event_reasons(em, "llm"))
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    controllers.promotions_start = False
+    start_operator()
+    body = tuned_isvc(surface.url)
+    body["spec"]["rollout"]["readyTimeoutSeconds"] = 3
+    # The serving 256 sequences lie outside the space: every trial differs from it, so the best is a new revision.
+    body["spec"]["tuning"].update(maxTrials=2, searchSpace={"maxNumSeqs": {"min": 8, "max": 64}})
+    await create(api, body)
+    live = await eventually(lambda: isvc_status(em, "llm").get("activeRevision"), what="first revision live")
+    tuned = await eventually(lambda: (c := condition(em, "llm", "Tuned")) and c["reason"] == "TuningFailed" and c,
+                             timeout=60, what="Tuned=False after the rollback",
+                             detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
+    assert "rolled back" in tuned["message"]
+    status = isvc_status(em, "llm")
+    assert status["activeRevision"] == live and study(em)["promoted"] is None
+    assert status["tuning"]["state"] == "Failed" and status["tuning"]["trialsRun"] == 2
+    assert len(controllers.serving) == 2  # the promotion was tried, as a blue-green candidate
+    await eventually(lambda: isvc_status(em, "llm")["engineConfig"]["maxNumSeqs"] == 256, what="user engine serves")
+    assert "TuningPromotionRolledBack" in set(event_reasons(em, "llm"))
 
 
-async def test_live_attainment_below_the_threshold_starts_the_study_over(emulator, start_operator, api, surface):
+async def test_live_attainment_below_the_threshold_starts_the_study_over(
+    emulator, start_operator, api, surface, controllers
+):
     em, _ = emulator
-    controllers = Controllers(api, em, surface)
-    task = asyncio.get_running_loop().create_task(controllers.run())
-    try:
-        start_operator()
-        body = tuned_isvc(surface.url)
-        body["spec"]["tuning"].update(maxTrials=2, retuneBelowAttainment=0.9,
-                                      searchSpace={"maxNumSeqs": {"min": 8, "max": 64}})
-        await create(api, body)
-        await eventually(lambda: (c := condition(em, "llm", "Tuned")) and c["status"] == "True", timeout=60,
-                         what="first study done", detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
-        surface.live_share = 0.95  # within the SLO often enough: the study stays done
-        await asyncio.sleep(1.0)
-        assert study(em)["phase"] == "Done"
-        surface.live_share = 0.5
-        restarted = await eventually(lambda: (s := study(em)) and s["phase"] != "Done" and s, timeout=30,
-                                     what="the study to start over")
-        assert "live SLO attainment 50.0%" in restarted["message"]
-        assert len(restarted["study"]["records"]) <= 1  # a fresh study (its first trial may have started)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    start_operator()
+    body = tuned_isvc(surface.url)
+    body["spec"]["tuning"].update(maxTrials=2, retuneBelowAttainment=0.9,
+                                  searchSpace={"maxNumSeqs": {"min": 8, "max": 64}})
+    await create(api, body)
+    await eventually(lambda: (c := condition(em, "llm", "Tuned")) and c["status"] == "True", timeout=60,
+                     what="first study done", detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
+    surface.live_share = 0.95  # within the SLO often enough: the study stays done
+    await asyncio.sleep(1.0)
+    assert study(em)["phase"] == "Done"
+    surface.live_share = 0.5
+    restarted = await eventually(lambda: (s := study(em)) and s["phase"] != "Done" and s, timeout=30,
+                                 what="the study to start over")
+    assert "live SLO attainment 50.0%" in restarted["message"]
+    assert len(restarted["study"]["records"]) <= 1  # a fresh study (its first trial may have started)
