@@ -12,16 +12,18 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from kvpilot.engine.config import EngineConfig, SamplingParams
 from kvpilot.engine.engine_core import EngineCore, EngineStats
 from kvpilot.engine.errors import EngineDead, EngineOverloaded
+from kvpilot.engine.input_processor import InputProcessor
 from kvpilot.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RequestStream:
@@ -67,6 +69,7 @@ class AsyncEngine:
         self._pending = 0  # submissions waiting for the step in progress to end
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpilot-step")
+        self._input_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvpilot-input")
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._dead: BaseException | None = None
@@ -85,23 +88,44 @@ class AsyncEngine:
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> RequestStream:
-        if self._dead is not None or self._task is None or self._task.done():
-            raise EngineDead(f"the engine is not running: {self._dead or 'not started'}")
-        # Requests queued behind a running step count too, so a burst cannot slip past the bound.
-        if self.core.stats().num_waiting + self._pending >= self.max_waiting_requests:
-            raise EngineOverloaded(f"the waiting queue is full ({self.max_waiting_requests} requests): retry later")
+        self._check_accepting()
+        # Tokenizing and validating can take seconds for a huge prompt: off the event loop, outside the lock.
+        token_ids = await self.run_input(self.core.inputs.process, prompt, params)
+        return await self.add_processed(token_ids, params, request_id, prompt if isinstance(prompt, str) else None)
+
+    async def add_processed(
+        self, token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        prompt_text: str | None = None,
+    ) -> RequestStream:
+        """Admit token ids that `self.inputs` already processed (the server renders chat off the loop)."""
+        self._check_accepting()
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, self)
         arrival = time.monotonic()
         self._pending += 1
         try:
             async with self._lock:  # the core is touched only between steps
-                self.core.add_request(prompt, params, request_id, arrival_time=arrival)
+                self.core.add_processed(token_ids, params, request_id, arrival, prompt_text)
                 self._streams[request_id] = stream
         finally:
             self._pending -= 1
         self._wake.set()
         return stream
+
+    @property
+    def inputs(self) -> InputProcessor:
+        return self.core.inputs
+
+    async def run_input(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy input work (template rendering, tokenization) on the input threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._input_executor, fn, *args)
+
+    def _check_accepting(self) -> None:
+        if self._dead is not None or self._task is None or self._task.done():
+            raise EngineDead(f"the engine is not running: {self._dead or 'not started'}")
+        # Requests queued behind a running step count too, so a burst cannot slip past the bound.
+        if self.core.stats().num_waiting + self._pending >= self.max_waiting_requests:
+            raise EngineOverloaded(f"the waiting queue is full ({self.max_waiting_requests} requests): retry later")
 
     async def abort(self, request_id: str) -> None:
         async with self._lock:
@@ -146,4 +170,5 @@ class AsyncEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
+        self._input_executor.shutdown(wait=False, cancel_futures=True)
         self.core.close()

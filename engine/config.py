@@ -6,7 +6,8 @@ whether it came from Python, the CLI, an HTTP request or an InferenceService spe
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import cached_property
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -37,6 +38,10 @@ class EngineConfig(BaseModel):
         default=8192, ge=1, description="token budget of one step: the prefill chunk size"
     )
     max_model_len: int | None = Field(default=None, ge=1, description="longest prompt + output; default: model's")
+    max_request_share: float = Field(
+        default=0.5, gt=0.0, le=1.0,
+        description="most of max_num_seqs and of a step's token budget that one request may hold while others wait",
+    )
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = Field(default=1, ge=1)
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
@@ -54,26 +59,45 @@ class EngineConfig(BaseModel):
         return self.served_model_name or self.model
 
 
+# torch.Generator takes seeds in [-2**63, 2**64); the engine adds the sample index (< MAX_N) to the seed.
+MAX_N = 128
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1 - MAX_N
+# Caps that keep one request's per-step cost bounded: stops are checked on every token.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 4096
+MAX_LOGIT_BIAS = 1024
+
+
 class SamplingParams(BaseModel):
-    """Per-request decoding settings, as OpenAI and vLLM define them."""
+    """Per-request decoding settings, as OpenAI and vLLM define them.
+
+    Bounds that need the model (token ids below the vocabulary size, top_k at most the vocabulary) are
+    checked by the input processor, which knows it.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1, description="0 or -1 disable top-k")
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     max_tokens: int = Field(default=16, ge=1)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top alternatives returned per token")
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description="token id -> bias added to its logit before sampling"
+    )
     skip_special_tokens: bool = True
 
     @field_validator("stop", mode="before")
@@ -85,13 +109,6 @@ class SamplingParams(BaseModel):
             return [value]
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, value: list[str]) -> list[str]:
-        if any(s == "" for s in value):
-            raise ValueError("stop strings must not be empty")
-        return value
-
     @model_validator(mode="after")
     def _min_below_max(self) -> SamplingParams:
         if self.min_tokens > self.max_tokens:
@@ -101,3 +118,8 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        """stop_token_ids as a set: each sampled token is looked up in it."""
+        return frozenset(self.stop_token_ids)

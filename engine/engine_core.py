@@ -17,7 +17,8 @@ import torch
 from kvpilot.engine.config import EngineConfig, SamplingParams
 from kvpilot.engine.demo import resolve_model_path
 from kvpilot.engine.detokenizer import IncrementalDetokenizer, find_stop
-from kvpilot.engine.errors import RequestRejected
+from kvpilot.engine.errors import RequestRejected, is_engine_fault
+from kvpilot.engine.input_processor import InputProcessor
 from kvpilot.engine.kv_cache import KVCacheManager
 from kvpilot.engine.models.arch import ModelArch, load_arch
 from kvpilot.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -88,6 +89,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.config, self.kv)
         self.eos_token_ids = _eos_ids(self.model_dir, arch, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, device, config.seed)
+        self.inputs = InputProcessor.for_model(self.tokenizer, arch.vocab_size, max_len)
         self.requests: dict[str, Request] = {}
         self.detoks: dict[int, IncrementalDetokenizer] = {}
 
@@ -107,13 +109,6 @@ class EngineCore:
         return AutoTokenizer.from_pretrained(self.model_dir)
 
     # ---- requests ---------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestRejected("this model has no tokenizer: send token ids", param="prompt")
-            return list(self.tokenizer(prompt).input_ids)  # type: ignore[operator]
-        return list(prompt)
-
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Reject at once what could never be served: over max_model_len or over the whole KV pool."""
         max_len = self.config.max_model_len or 0
@@ -141,20 +136,26 @@ class EngineCore:
         request_id: str | None = None,
         arrival_time: float | None = None,
     ) -> Request:
-        token_ids = self.tokenize(prompt)
-        vocab = self.arch.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise RequestRejected(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        """Tokenize, validate and admit (the offline path; the server processes inputs off its event loop)."""
+        token_ids = self.inputs.process(prompt, params)
+        text = prompt if isinstance(prompt, str) else None
+        return self.add_processed(token_ids, params, request_id, arrival_time, text)
+
+    def add_processed(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+        prompt_text: str | None = None,
+    ) -> Request:
+        """Admit a request whose inputs `self.inputs` already processed."""
         self.check_fits(len(token_ids), params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise RequestRejected(f"request id {request_id!r} is already running", param="request_id")
         request = Request(
-            request_id,
-            prompt if isinstance(prompt, str) else None,
-            token_ids,
-            params,
-            RequestMetrics(arrival_time=arrival_time or time.monotonic()),
+            request_id, prompt_text, token_ids, params, RequestMetrics(arrival_time=arrival_time or time.monotonic())
         )
         for i in range(params.n):
             gen = None
@@ -195,26 +196,88 @@ class EngineCore:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, stream: bool = True) -> list[RequestOutput]:
-        """One engine iteration. With stream=False only finished requests get an output (offline use)."""
+        """One engine iteration. With stream=False only finished requests get an output (offline use).
+
+        A failure that belongs to requests (not to the device) fails those requests alone: they finish
+        with an error and free their blocks, and the engine keeps serving the rest.
+        """
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        result = self.runner.execute(sched.scheduled)
+        failed: list[RequestOutput] = []
+        try:
+            result = self.runner.execute(sched.scheduled)
+        except Exception as exc:
+            if is_engine_fault(exc) or self.workers is not None:  # ranks would disagree on what ran
+                raise
+            for request in {id(seq.request): seq.request for seq, _ in sched.scheduled}.values():
+                failed.append(self._fail(request, exc))
+            return failed
         for seq, n in sched.scheduled:
             seq.num_computed_tokens += n
             self.kv.cache_full_blocks(seq)
-        tokens, logprobs = self.sampler(result.logits, result.sampled) if result.sampled else ([], [])
+        sampled, tokens, logprobs = self._sample(result.logits, result.sampled, failed)
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, token, logprob in zip(result.sampled, tokens, logprobs, strict=True):
-            self._append(seq, token, logprob)
+        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            if seq.request.error is not None:  # a sibling sample failed this step
+                continue
+            try:
+                self._append(seq, token, logprob)
+            except Exception as exc:
+                if is_engine_fault(exc):
+                    raise
+                failed.append(self._fail(seq.request, exc))
+                continue
             metrics = seq.request.metrics
             metrics.first_token_time = metrics.first_token_time or now
             metrics.last_token_time = now
             touched[seq.request.request_id] = seq.request
-        return [
-            self._pop_output(r) if r.finished else self._output(r) for r in touched.values() if stream or r.finished
+        outputs = [
+            self._pop_output(r) if r.finished else self._output(r)
+            for r in touched.values()
+            if r.error is None and (stream or r.finished)
         ]
+        return failed + outputs
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], failed: list[RequestOutput]
+    ) -> tuple[list[Sequence], list[int], list[object]]:
+        """Sample the batch at once; if that fails, row by row, so only the rows at fault fail."""
+        if not seqs:
+            return [], [], []
+        try:
+            tokens, logprobs = self.sampler(logits, seqs)
+            return seqs, tokens, list(logprobs)
+        except Exception as exc:
+            if is_engine_fault(exc):
+                raise
+            log.warning("batched sampling failed (%s): isolating the failing request", exc)
+        kept: list[Sequence] = []
+        tokens, logprobs = [], []
+        for i, seq in enumerate(seqs):
+            if seq.request.error is not None:
+                continue
+            try:
+                token, logprob = self.sampler(logits[i : i + 1], [seq])
+            except Exception as exc:
+                if is_engine_fault(exc):
+                    raise
+                failed.append(self._fail(seq.request, exc))
+                continue
+            kept.append(seq)
+            tokens += token
+            logprobs += logprob
+        return kept, tokens, logprobs
+
+    def _fail(self, request: Request, exc: BaseException) -> RequestOutput:
+        """End a request that an error in its own processing broke; the engine carries on."""
+        log.error("request %s failed: %s: %s", request.request_id, type(exc).__name__, exc, exc_info=exc)
+        request.error = f"{type(exc).__name__}: {exc}"
+        for seq in request.seqs:
+            if not seq.finished:
+                self._finish(seq, "error")
+        return self._pop_output(request)
 
     def _append(self, seq: Sequence, token: int, logprob: object) -> None:
         seq.token_ids.append(token)
@@ -227,7 +290,7 @@ class EngineCore:
         seq.text += new_text
         if not p.ignore_eos and token in self.eos_token_ids:
             self._finish(seq, "stop")
-        elif token in p.stop_token_ids:
+        elif token in p.stop_token_set:
             self._finish(seq, "stop", token)
         elif p.stop and (hit := find_stop(seq.text, len(new_text), p.stop)):
             seq.text = seq.text[: hit[0]]
@@ -267,6 +330,7 @@ class EngineCore:
             metrics=request.metrics,
             finished=request.finished,
             new_token_counts=counts,
+            error=request.error,
         )
 
     def _pop_output(self, request: Request) -> RequestOutput:

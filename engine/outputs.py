@@ -22,7 +22,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None  # the stop string or token id that ended it
 
     @property
@@ -54,3 +54,4 @@ class RequestOutput:
     metrics: RequestMetrics
     finished: bool = False
     new_token_counts: list[int] = field(default_factory=list)  # tokens each sample gained this step
+    error: str | None = None  # set when processing this request failed; the request is finished

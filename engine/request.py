@@ -78,6 +78,7 @@ class Request:
     params: SamplingParams
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
+    error: str | None = None  # why processing it failed, if it did
 
     @property
     def finished(self) -> bool:

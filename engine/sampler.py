@@ -1,4 +1,5 @@
-"""From logits to tokens, per request: penalties, min_tokens, temperature, top-k/top-p/min-p, seeds, logprobs.
+"""From logits to tokens, per request: logit_bias, penalties, min_tokens, temperature, top-k/top-p/min-p, seeds,
+logprobs.
 
 Logprobs are reported from the raw model distribution (before penalties and temperature), as vLLM does.
 A seeded sample draws only from its own generator, one draw per token, so its tokens do not depend
@@ -45,8 +46,22 @@ class Sampler:
         return token_list, self._logprobs(raw_logprobs, token_list, params)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logit_bias, min_tokens and the penalties, on a copy: the caller's logits stay as the model gave them."""
+        copied = False
         for i, seq in enumerate(seqs):
             p = seq.params
+            banned = seq.num_output_tokens < p.min_tokens and (p.stop_token_ids or not p.ignore_eos)
+            penalized = p.repetition_penalty != 1.0 or (
+                (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens
+            )
+            if not (p.logit_bias or banned or penalized):
+                continue
+            if not copied:
+                logits, copied = logits.clone(), True
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                logits[i].index_add_(0, ids, bias)
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
                 vals = logits[i, seen]
@@ -55,10 +70,9 @@ class Sampler:
                 out = torch.tensor(seq.output_token_ids, device=logits.device)
                 counts = torch.zeros_like(logits[i]).index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-            if seq.num_output_tokens < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
-                if banned:
-                    logits[i, banned] = float("-inf")
+            if banned:
+                ids = list(p.stop_token_set) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                logits[i, torch.tensor(ids, dtype=torch.long, device=logits.device)] = float("-inf")
         return logits
 
     @staticmethod

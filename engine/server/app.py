@@ -41,7 +41,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class ServerOptions(BaseModel):
-    api_key: str | None = Field(default=None, description="require `Authorization: Bearer <key>` on /v1/*")
+    api_key: str | None = Field(default=None, min_length=1,
+                                description="require `Authorization: Bearer <key>` on /v1/*; empty is an error, "
+                                "not 'no auth'")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     drain_timeout_s: float = Field(default=30.0, ge=0.0)
     warmup: bool = Field(default=True, description="run one tiny request before reporting ready")
@@ -111,7 +113,7 @@ def build_app(engine: AsyncEngine, options: ServerOptions | None = None) -> Fast
     async def health() -> JSONResponse:
         """Liveness: fails only when the engine loop has died."""
         if lifecycle.dead_reason is not None:
-            return JSONResponse(ProbeStatus(status="dead", detail=lifecycle.dead_reason).model_dump(), 503)
+            return JSONResponse(ProbeStatus(status="dead", detail="engine failed").model_dump(), 503)
         return JSONResponse(ProbeStatus(status="ok").model_dump())
 
     @app.get("/ready", response_model=ProbeStatus, responses={503: {"model": ProbeStatus}})

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from kvpilot.engine.config import SamplingParams
+from kvpilot.engine.errors import RequestRejected
 from kvpilot.engine.outputs import TokenLogprob
+from kvpilot.engine.server import errors
 from kvpilot.engine.server.deltas import Delta, DeltaTracker, final_usage
 from kvpilot.engine.server.errors import APIError
 from kvpilot.engine.server.generate import collect, event_stream
@@ -30,7 +32,10 @@ from starlette.responses import Response
 
 
 def render_prompt(ctx: ServingContext, body: ChatCompletionRequest) -> list[int]:
-    """Token ids of the templated conversation (special tokens come from the template, not added twice)."""
+    """Token ids of the templated conversation (special tokens come from the template, not added twice).
+
+    CPU work that grows with the conversation: the handler runs it on the engine's input threads.
+    """
     tokenizer = ctx.engine.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
@@ -41,7 +46,9 @@ def render_prompt(ctx: ServingContext, body: ChatCompletionRequest) -> list[int]
     except Exception as exc:  # template errors (jinja raise_exception, bad role order) are client input
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from exc
     try:
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
+        return ctx.engine.inputs.tokenize_rendered(text, "messages")
+    except RequestRejected as exc:
+        raise errors.from_engine(exc) from exc
     except (TypeError, ValueError) as exc:
         raise APIError(400, f"the rendered conversation cannot be tokenized: {exc}", param="messages") from exc
 
@@ -69,7 +76,7 @@ def _logprobs(ctx: ServingContext, lps: list[TokenLogprob], top: int) -> ChatLog
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request) -> Response:
     body.check_supported()
-    prompt = render_prompt(ctx, body)
+    prompt = await ctx.engine.run_input(render_prompt, ctx, body)
     max_tokens = body.output_limit or _room_left(ctx, len(prompt))
     top = body.top_logprobs or 0
     params = SamplingParams(**body.sampling_fields(), max_tokens=max_tokens,

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestRejected
+from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestFailed, RequestRejected
 from kvpilot.engine.server.protocol import Unsupported
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -66,15 +66,20 @@ def draining() -> APIError:
 
 
 def from_engine(exc: Exception) -> APIError:
-    """Map the engine's refusals to statuses: never fits -> 400, queue full -> 429, dead -> 503."""
+    """Map the engine's refusals to statuses: never fits -> 400, queue full -> 429, dead -> 503, and a failure
+    of this request alone -> 500 (the engine serves on)."""
     if isinstance(exc, RequestRejected):
         return APIError(400, str(exc), param=exc.param, code="context_length_exceeded"
                         if exc.param == "max_tokens" else None)
     if isinstance(exc, EngineOverloaded):
         return APIError(429, str(exc), type="rate_limit_error", code="overloaded", retry_after=RETRY_AFTER_S)
     if isinstance(exc, EngineDead):
-        return APIError(503, str(exc), type="service_unavailable", code="engine_dead",
-                        retry_after=RETRY_AFTER_S)
+        return APIError(503, "the engine failed and this replica is restarting; retry on another",
+                        type="service_unavailable", code="engine_dead", retry_after=RETRY_AFTER_S)
+    if isinstance(exc, RequestFailed):
+        return APIError(500, f"the engine failed while processing request {exc.request_id} (the server log has "
+                        "the cause under that id); other requests are unaffected", type="internal_error",
+                        code="request_failed")
     if isinstance(exc, Unsupported):
         return APIError(400, str(exc), param=exc.param, code="unsupported")
     raise TypeError(f"not an engine error: {exc!r}")
@@ -152,4 +157,5 @@ def aborted(drain_expired: bool) -> APIError:
 
 
 def internal(exc: BaseException) -> APIError:
-    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}", type="internal_error")
+    """The client learns the kind of failure; the details stay in the server log."""
+    return APIError(500, f"internal server error: {type(exc).__name__}", type="internal_error")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 
-from kvpilot.engine.errors import EngineDead
+from kvpilot.engine.errors import EngineDead, RequestFailed
 from kvpilot.engine.outputs import RequestOutput
 from kvpilot.engine.server import errors
 from kvpilot.engine.server.deltas import Delta, DeltaTracker, RequestAborted, check_not_aborted
@@ -37,7 +37,7 @@ async def event_stream(
             yield sse(usage_chunk(tracker.usage()).model_dump_json())
     except RequestAborted:
         yield _error_event(errors.aborted(ctx.lifecycle.drain_expired))
-    except EngineDead as exc:
+    except (EngineDead, RequestFailed) as exc:
         yield _error_event(errors.from_engine(exc))
     except Exception as exc:
         log.exception("stream failed")
@@ -62,7 +62,7 @@ async def collect(ctx: ServingContext, request: Request, streams: list[TrackedSt
         check_not_aborted(outputs)
     except RequestAborted as exc:
         raise errors.aborted(ctx.lifecycle.drain_expired) from exc
-    except EngineDead as exc:
+    except (EngineDead, RequestFailed) as exc:
         raise errors.from_engine(exc) from exc
     finally:
         for s in streams:

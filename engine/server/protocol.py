@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from kvpilot.engine.config import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-# torch.Generator takes seeds in [-2**63, 2**64); the engine adds the sample index to the seed.
-_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 128
+# One HTTP request may ask for at most this many sequences (n x prompts), and a chat at most this many messages.
+MAX_SEQUENCES = 256
+MAX_MESSAGES = 4096
 
 
 def _encodable(text: str) -> str:
@@ -48,24 +50,25 @@ class _SamplingRequest(_Strict):
     """The fields completions and chat share."""
 
     model: str = Field(min_length=1)
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: Text | Annotated[list[NonEmptyText], Field(max_length=16)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description="token id (a JSON key, so a string) -> bias")
     # vLLM's extensions
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
 
     @model_validator(mode="after")
@@ -78,9 +81,8 @@ class _SamplingRequest(_Strict):
 
     def sampling_fields(self) -> dict[str, Any]:
         """The SamplingParams fields this request sets (max_tokens and logprobs come per endpoint)."""
-        if self.logit_bias:
-            raise Unsupported("logit_bias", "logit_bias is not supported")
         fields: dict[str, Any] = {
+            "logit_bias": self.logit_bias or None,
             "n": self.n,
             "seed": self.seed,
             "stop": self.stop,
@@ -134,6 +136,13 @@ class CompletionRequest(_SamplingRequest):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
+    @model_validator(mode="after")
+    def _bounded_sequences(self) -> CompletionRequest:
+        if self.n * len(self.prompts()) > MAX_SEQUENCES:
+            raise ValueError(f"n x prompts ({self.n} x {len(self.prompts())}) exceeds {MAX_SEQUENCES} sequences "
+                             "per request")
+        return self
+
     def check_supported(self) -> None:
         if self.echo:
             raise Unsupported("echo", "echo is not supported")
@@ -167,7 +176,7 @@ class ResponseFormat(_Strict):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1, description="deprecated by OpenAI; still accepted")
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False

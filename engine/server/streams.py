@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from kvpilot.engine.async_engine import AsyncEngine, RequestStream
 from kvpilot.engine.config import SamplingParams
-from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestRejected
+from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestFailed, RequestRejected
 from kvpilot.engine.outputs import RequestOutput
 from kvpilot.engine.server import errors
 from kvpilot.engine.server.lifecycle import Lifecycle
@@ -72,6 +72,10 @@ class TrackedStream:
             self.ctx.lifecycle.mark_dead(str(exc))
             self.close()
             raise
+        if out.error is not None:
+            self.finished = True
+            self.close()
+            raise RequestFailed(self.request_id)
         self._observer.on_output(out)
         if out.finished:
             self.finished = True

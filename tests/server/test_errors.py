@@ -38,7 +38,8 @@ def test_malformed_json_is_400(server: RunningServer, path: str) -> None:
     ({"model": "demo", "prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"model": "demo"}, "prompt"),
     ({"model": "demo", "prompt": "x", "echo": True}, "echo"),
-    ({"model": "demo", "prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"model": "demo", "prompt": "x", "logit_bias": {"5": 1000.0}}, "logit_bias"),
+    ({"model": "demo", "prompt": "x", "logit_bias": {"five": 1.0}}, "logit_bias"),
     ({"model": "demo", "prompt": [1, 2, 10**6]}, "prompt"),
 ])
 def test_invalid_field_is_400_naming_it(server: RunningServer, body: dict[str, Any], field: str) -> None:

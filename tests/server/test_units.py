@@ -39,8 +39,8 @@ def test_sampling_fields_map_to_sampling_params() -> None:
     params = SamplingParams(**req.sampling_fields(), max_tokens=4)
     assert params.temperature == 0.0 and params.top_p == 1.0  # top_p 0 means argmax, as OpenAI allows
     assert params.stop == ["END"] and params.seed == 3 and params.n == 2
-    with pytest.raises(Unsupported):
-        CompletionRequest(model="m", prompt="x", logit_bias={"1": 2.0}).sampling_fields()
+    assert SamplingParams(**CompletionRequest(model="m", prompt="x", logit_bias={"1": 2.0}).sampling_fields(),
+                          max_tokens=1).logit_bias == {1: 2.0}
     with pytest.raises(Unsupported):
         CompletionRequest(model="m", prompt="x", best_of=3).check_supported()
     with pytest.raises(ValidationError):

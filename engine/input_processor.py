@@ -1,0 +1,70 @@
+"""Input processing: everything a request needs before the engine core may see it.
+
+Tokenization and the checks that need the model (token ids inside the vocabulary, top_k at most the
+vocabulary, the prompt's size) happen here, with no engine state, so the server runs them off its event
+loop and outside the core. A request that passes can no longer make a sampler index out of range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvpilot.engine.config import SamplingParams
+from kvpilot.engine.errors import RequestRejected
+
+# A prompt longer than this many characters per token of context can never fit: refuse it before paying
+# for its tokenization (a few seconds per megabyte). No common tokenizer averages more than a few.
+CHARS_PER_TOKEN_BOUND = 16
+
+
+@dataclass(frozen=True)
+class InputProcessor:
+    tokenizer: Any | None
+    vocab_size: int
+    max_model_len: int
+    max_prompt_chars: int
+
+    @classmethod
+    def for_model(cls, tokenizer: Any | None, vocab_size: int, max_model_len: int,
+                  max_prompt_chars: int | None = None) -> InputProcessor:
+        limit = max_prompt_chars or CHARS_PER_TOKEN_BOUND * max_model_len
+        return cls(tokenizer, vocab_size, max_model_len, limit)
+
+    def check_text(self, text: str, param: str = "prompt") -> None:
+        if len(text) > self.max_prompt_chars:
+            raise RequestRejected(
+                f"{param} has {len(text)} characters; at most {self.max_prompt_chars} are accepted "
+                f"(this model's context is {self.max_model_len} tokens)",
+                param=param,
+            )
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise RequestRejected("this model has no tokenizer: send token ids", param="prompt")
+        self.check_text(prompt)
+        return list(self.tokenizer(prompt).input_ids)
+
+    def tokenize_rendered(self, text: str, param: str) -> list[int]:
+        """A chat template's output: its special tokens are already in the text."""
+        self.check_text(text, param)
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def check(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse what would index outside the model's vocabulary or that no sampler could honour."""
+        vocab = self.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise RequestRejected(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise RequestRejected(f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            raise RequestRejected(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
+        if params.top_k > vocab:
+            raise RequestRejected(f"top_k must be at most the vocabulary size ({vocab}), or -1", param="top_k")
+
+    def process(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        token_ids = self.tokenize(prompt)
+        self.check(token_ids, params)
+        return token_ids
