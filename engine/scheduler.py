@@ -3,7 +3,9 @@
 Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
 Running sequences go first, in arrival order, each taking what it still needs (one token when
 decoding, a chunk when prefilling), so decodes and prefill chunks share a step. Waiting
-sequences are admitted first-come first-served with what budget is left. When the KV pool runs
+sequences are admitted first-come first-served with what budget is left. While other requests
+wait, no request holds more than `max_request_share` of the sequence slots or of a step's tokens,
+so an `n=128` request or a huge prompt cannot starve a small request behind it. When the KV pool runs
 dry, the most recently admitted running sequence is preempted: its blocks are freed and it is
 recomputed later from its prompt and the tokens it already produced, so its output is unchanged.
 """
@@ -33,6 +35,8 @@ class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.seq_share = max(1, int(config.max_num_seqs * config.max_request_share))
+        self.token_share = max(kv.block_size, int(config.max_num_batched_tokens * config.max_request_share))
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -56,10 +60,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        if len(self.running) >= self.max_num_seqs and self.waiting:
+            self._yield_slots()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n > self.token_share and self._others_waiting(seq):
+                n = self.token_share
             while not self.kv.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -88,13 +96,19 @@ class Scheduler:
                 and parent.status is SeqStatus.RUNNING
                 and (parent.num_computed_tokens < parent.num_prompt_tokens)
             ):
-                break  # FCFS: the sibling waits for its parent's prompt, to share its blocks
+                deferred.append(self.waiting.popleft())  # it waits for its parent's prompt, to share its blocks
+                continue
+            if self._over_share(seq):
+                deferred.append(self.waiting.popleft())  # others wait: this request holds its share already
+                continue
             shared = self._shareable(seq)
             if self._next_block_in_flight(seq, len(shared), in_flight):
                 deferred.append(self.waiting.popleft())  # its prefix is being computed: share it next step
                 continue
             cached_tokens = len(shared) * self.kv.block_size
             n = min(seq.num_tokens - cached_tokens, budget)
+            if n > self.token_share and self._others_waiting(seq):
+                n = self.token_share
             if not self.kv.can_allocate(seq, n, shared):
                 break
             self.waiting.popleft()
@@ -112,6 +126,31 @@ class Scheduler:
             if self.kv.enable_prefix_caching:
                 in_flight.update(self._uncomputed_prompt_blocks(seq))
         self.waiting.extendleft(reversed(deferred))
+
+    def _yield_slots(self) -> None:
+        """Every slot is taken and someone waits: a request over its share gives back its newest samples.
+
+        They are recomputed later, mostly from the prefix cache (their prompt blocks stay cached).
+        """
+        hogs = {id(s.request): s.request for s in self.running if len(s.request.seqs) > self.seq_share}
+        for request in hogs.values():
+            mine = [s for s in self.running if s.request is request]
+            if len(mine) <= self.seq_share or not self._others_waiting(mine[0]):
+                continue
+            for victim in mine[self.seq_share :]:
+                self.running.remove(victim)
+                self._preempt(victim)
+
+    def _others_waiting(self, seq: Sequence) -> bool:
+        return any(other.request is not seq.request for other in self.waiting)
+
+    def _over_share(self, seq: Sequence) -> bool:
+        """Whether the request already runs its share of sequence slots while another request waits."""
+        request = seq.request
+        if len(request.seqs) <= self.seq_share:
+            return False
+        running = sum(1 for s in request.seqs if s.status is SeqStatus.RUNNING)
+        return running >= self.seq_share and self._others_waiting(seq)
 
     def _uncomputed_prompt_blocks(self, seq: Sequence) -> list[int]:
         bs = self.kv.block_size

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _ENGINE_FLAGS = (
     "model", "revision", "served_model_name", "dtype", "device", "load_format", "seed", "block_size",
     "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "max_num_seqs",
-    "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "tensor_parallel_size",
+    "max_num_batched_tokens", "max_model_len", "max_request_share", "enable_prefix_caching", "tensor_parallel_size",
     "attention_backend", "enforce_eager",
 )
 
@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--max-num-seqs", type=int, help="most sequences in one step")
     e.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
     e.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    e.add_argument("--max-request-share", type=float,
+                   help="most of max_num_seqs and of a step's tokens one request may hold while others wait")
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     e.add_argument("--tensor-parallel-size", type=int)
     e.add_argument("--attention-backend", choices=["auto", "torch", "triton"])

@@ -61,3 +61,44 @@ def test_requests_sharing_a_prefix_wait_for_it_instead_of_recomputing(tiny_model
         core.step()
     stats = core.stats()
     assert stats.prefix_cache_hits == 3 * 64
+
+
+def _steps_until_first_token(core: EngineCore, request_id: str, limit: int = 500) -> int:
+    for step in range(1, limit + 1):
+        request = core.requests[request_id]
+        core.step()
+        if request.seqs[0].num_output_tokens:
+            return step
+    raise AssertionError(f"{request_id} got no token in {limit} steps")
+
+
+def test_a_small_request_is_not_starved_by_n_128(tiny_model) -> None:
+    """n=128 used to hold every sequence slot (FCFS) until its samples finished: 99 s for others."""
+    core = EngineCore(EngineConfig(model=str(tiny_model("llama")), max_num_seqs=8, max_num_batched_tokens=64))
+    core.add_request(list(range(1, 20)), SamplingParams(n=128, max_tokens=32, ignore_eos=True), request_id="big")
+    core.step()
+    core.step()
+    core.add_request([7, 8, 9], SamplingParams(max_tokens=2, ignore_eos=True), request_id="small")
+    assert _steps_until_first_token(core, "small") <= 3
+    big_running = sum(1 for s in core.requests["big"].seqs if s.status.value == "running")
+    assert big_running <= core.scheduler.seq_share
+    while core.has_unfinished:
+        core.step()
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_alone_a_request_may_use_every_slot(tiny_model) -> None:
+    core = EngineCore(EngineConfig(model=str(tiny_model("llama")), max_num_seqs=8, max_num_batched_tokens=64))
+    core.add_request(list(range(1, 20)), SamplingParams(n=16, max_tokens=8, ignore_eos=True), request_id="big")
+    for _ in range(3):
+        core.step()
+    assert len(core.scheduler.running) == 8
+
+
+def test_a_long_prompt_leaves_room_for_a_waiting_one(tiny_model) -> None:
+    core = EngineCore(EngineConfig(model=str(tiny_model("llama")), max_num_batched_tokens=64))
+    core.add_request(list(range(1, 400)), SamplingParams(max_tokens=2, ignore_eos=True), request_id="long")
+    core.add_request([3, 4, 5], SamplingParams(max_tokens=2, ignore_eos=True), request_id="short")
+    plan = core.scheduler.schedule()
+    sizes = {seq.request.request_id: n for seq, n in plan.scheduled}
+    assert sizes == {"long": core.scheduler.token_share, "short": 3}
