@@ -1,0 +1,127 @@
+"""Each image's Python environment, built on this machine the way its Dockerfile builds it (replay.py): a fresh
+venv, the locked requirements with --require-hashes, kvpilot with --no-deps; then its entrypoint must start.
+
+The operator image runs in every `pytest`. The engine images install torch and are marked slow. The CUDA
+engine's lock cannot install on a CPU machine as a whole (torch's CUDA build and its CUDA library wheels,
+about 3 GB compressed, need an NVIDIA driver to load), so its test installs the rest of that lock, hash for hash, with
+the CPU image's locked torch of the same version in their place.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from .locks import CUDA_ONLY, read_lock, write_lock
+from .recipe import DOCKER, ROOT, Recipe, read
+from .replay import build, host, image_env, run_in_image, venv
+
+SERVE_READY_TIMEOUT_S = 180
+IMPORT_OPERATOR = (
+    "import sys, kvpilot.operator.main, kvpilot.operator.cli\n"
+    "print(sorted(m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules))"
+)
+
+
+def _python(recipe: Recipe, root: Path, code: str) -> subprocess.CompletedProcess:
+    return run_in_image(recipe, root, [str(venv(recipe, root) / "bin" / "python"), "-c", code])
+
+
+def _ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, f"{done.args} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_operator_image_installs_its_lock_and_imports_its_entrypoint(tmp_path: Path) -> None:
+    recipe = read(DOCKER / "Dockerfile.operator")
+    build(recipe, tmp_path)
+    imported = _ok(_python(recipe, tmp_path, IMPORT_OPERATOR))
+    assert imported.strip() == "[]", "the operator imported the engine's stack"
+    missing = _python(recipe, tmp_path, "import torch")
+    assert missing.returncode != 0 and "No module named 'torch'" in missing.stderr, "torch is in the operator image"
+    assert recipe.entrypoint == ("kvpilot",) and recipe.cmd[0] == "operator"
+    _ok(run_in_image(recipe, tmp_path, [*recipe.entrypoint, recipe.cmd[0], "--help"]))
+    crd = yaml.safe_load(_ok(run_in_image(recipe, tmp_path, [*recipe.entrypoint, "crd"])))
+    assert crd["kind"] == "CustomResourceDefinition"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_as_the_image_does(recipe: Recipe, root: Path) -> None:
+    """ENTRYPOINT + CMD on loopback: /health turns 200, a chat completion on the built-in demo model works,
+    and SIGTERM drains it to a clean exit."""
+    port = _free_port()
+    argv = [*recipe.entrypoint, *recipe.cmd]
+    argv[argv.index("--host") + 1], argv[argv.index("--port") + 1] = "127.0.0.1", str(port)
+    log = root / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            argv, env=image_env(recipe, root), stdout=out, stderr=subprocess.STDOUT, cwd=host(root, "/home/kvpilot")
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVE_READY_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"the server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_cpu_engine_image_installs_its_lock_builds_the_demo_model_and_serves(tmp_path: Path) -> None:
+    recipe = read(DOCKER / "Dockerfile.engine-cpu")
+    build(recipe, tmp_path)
+    demo = host(tmp_path, recipe.env["KVPILOT_CACHE_DIR"])
+    assert any(demo.glob("demo-model-*/config.json")), "the image's build step left no demo model"
+    _serve_as_the_image_does(recipe, tmp_path)
+
+
+@pytest.mark.slow
+def test_cuda_engine_image_lock_without_its_cuda_wheels_installs_and_imports_the_server(tmp_path: Path) -> None:
+    recipe, cpu_lock = read(DOCKER / "Dockerfile.engine"), read(DOCKER / "Dockerfile.engine-cpu").lock()
+    cpu_torch = read_lock(cpu_lock)["torch"]
+    entries = read_lock(recipe.lock())
+    dropped = sorted(name for name in entries if CUDA_ONLY.match(name))
+    assert "torch" in dropped and "triton" in dropped and any(n.startswith("nvidia-") for n in dropped)
+    assert cpu_torch.version.split("+")[0] == entries["torch"].version, "the CPU stand-in is another torch"
+    (copied,) = [c.dest for c in recipe.copies if c.sources == (str(recipe.lock().relative_to(ROOT)),)]
+    kept = [e for name, e in entries.items() if not CUDA_ONLY.match(name)]
+    why = f"{recipe.lock().name} less {', '.join(dropped)}; torch from {cpu_lock.name}"
+
+    def cpu_subset(root: Path) -> None:
+        write_lock(host(root, copied), [*kept, cpu_torch], why)
+
+    build(recipe, tmp_path, adjust=cpu_subset)
+    _ok(_python(recipe, tmp_path, "import kvpilot.engine.server.app, kvpilot.engine.server.loadgen"))
+    demo = host(tmp_path, recipe.env["KVPILOT_CACHE_DIR"])
+    assert any(demo.glob("demo-model-*/config.json")), "the image's build step left no demo model"
+    for argv in (["serve", "--help"], ["bench", "serve", "--help"]):
+        _ok(run_in_image(recipe, tmp_path, [*recipe.entrypoint, *argv]))
