@@ -9,6 +9,7 @@ kernel disagrees with its reference.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,8 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 SCALE = 1 / math.sqrt(D)
 TARGET_DECODE_TBPS = 2.6
 TARGET_PREFILL_TFLOPS = 400.0
-SWEEP_BUDGET_S = 240.0  # stop sweeping past this, so the JSON is always written inside the device limit
+SWEEP_BUDGET_S = float(os.environ.get("KVPILOT_SWEEP_BUDGET_S", "240"))  # stop sweeping past this, so the JSON is
+# always written inside the device limit
 
 # (num_splits, block_n, num_warps, num_stages); run 1 (bench/README.md) swept 20 of these, all within 5%
 DECODE_CONFIGS = [

@@ -24,19 +24,21 @@ def decode_ms_per_step(llm: Any, batch: int, prompt_len: int = 128, steps: int =
     rng = random.Random(batch)
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 8)
     for i in range(batch):
-        core.add_request([rng.randrange(1000, 100000) for _ in range(prompt_len)], params, request_id=f"b{batch}-{i}")
+        llm.add_request([rng.randrange(1000, 100000) for _ in range(prompt_len)], params, request_id=f"b{batch}-{i}")
     while any(s.num_output_tokens == 0 for r in core.requests.values() for s in r.seqs):
-        core.step()  # prefill (possibly chunked) until every sequence decodes
+        llm.step()  # prefill (possibly chunked) until every sequence decodes
     for _ in range(4):
-        core.step()
+        llm.step()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        core.step()
+        llm.step()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     for request_id in list(core.requests):
-        core.abort(request_id)
+        llm.abort(request_id)
+    while core.has_unfinished:
+        llm.step()
     return 1000 * elapsed / steps
 
 

@@ -1,4 +1,5 @@
-"""Where a decode step's time goes: graph replay alone vs the whole engine step, and the kernel breakdown.
+"""Where a decode step's time goes: graph replay alone vs the whole engine step (async and sync), eager, and
+the kernel breakdown of one eager step.
 
 Run: `python -m bench.profile_decode [--batch 1,128]`. The kernel table comes from one eager forward under
 torch.profiler (graph replays hide kernels from it); their sum is the GPU time a replay also spends.
@@ -21,13 +22,13 @@ from bench.engine_common import make_llm
 
 
 def _prepare_decode(llm: Any, batch: int) -> None:
-    core = llm.core
     rng = random.Random(batch)
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=400)
     for i in range(batch):
-        core.add_request([rng.randrange(1000, 100000) for _ in range(128)], params, request_id=f"p{batch}-{i}")
+        llm.add_request([rng.randrange(1000, 100000) for _ in range(128)], params, request_id=f"p{batch}-{i}")
+    core = llm.core
     while any(s.num_output_tokens == 0 for r in core.requests.values() for s in r.seqs):
-        core.step()
+        llm.step()
 
 
 def _time(fn: Any, reps: int = 30) -> float:
@@ -47,32 +48,33 @@ def profile_batch(llm: Any, batch: int) -> dict[str, Any]:
     graphs = runner.graphs
     size = next(s for s in graphs.sizes if s >= batch)
     replay_ms = _time(lambda: graphs.graphs[size].replay())
-    step_ms = _time(lambda: core.step(stream=False))
-    timings: dict[str, float] = defaultdict(float)
-    sched = core.scheduler.schedule()
-    t0 = time.perf_counter()
-    runner.graphs = None  # one eager step, for the kernel table
+    step_ms = _time(llm.step)
+    core.async_scheduling = False
+    sync_step_ms = _time(llm.step)
+    core.async_scheduling = True
+    runner.graphs = None  # eager steps, for the kernel table (replays hide kernels from the profiler)
+    eager_ms = _time(llm.step, reps=5)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        result = runner.execute(sched.scheduled)
+        llm.step()
         torch.cuda.synchronize()
     runner.graphs = graphs
-    timings["eager_step_ms"] = 1000 * (time.perf_counter() - t0)
-    for seq, n in sched.scheduled:
-        seq.num_computed_tokens += n
-    core.sampler(result.logits, result.sampled)
     kernels: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
         if evt.device_type.name == "CUDA" or getattr(evt, "self_device_time_total", 0):
             kernels[evt.key[:80]] += evt.self_device_time_total / 1000
     total = sum(kernels.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
     for request_id in list(core.requests):
-        core.abort(request_id)
+        llm.abort(request_id)
+    while core.has_unfinished:
+        llm.step()
     return {
         "batch": batch,
         "graph_replay_ms": round(replay_ms, 3),
         "engine_step_ms": round(step_ms, 3),
-        "host_overhead_ms": round(step_ms - replay_ms, 3),
+        "engine_step_sync_ms": round(sync_step_ms, 3),
+        "eager_step_ms": round(eager_ms, 3),
+        "step_over_replay_ms": round(step_ms - replay_ms, 3),
         "kernel_sum_ms": round(total, 3),
         "top_kernels_ms": {k: round(v, 3) for k, v in top},
     }

@@ -46,6 +46,9 @@ class EngineConfig(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1)
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     enforce_eager: bool = Field(default=False, description="never capture CUDA graphs")
+    async_scheduling: bool = Field(
+        default=True, description="prepare the next step on the CPU while the GPU runs this one (outputs unchanged)"
+    )
 
     @field_validator("model")
     @classmethod
@@ -118,6 +121,11 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling reads the sequence's previous tokens (so they must all be on the host)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
 
     @cached_property
     def stop_token_set(self) -> frozenset[int]:

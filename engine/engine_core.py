@@ -1,97 +1,108 @@
-"""The engine core: one `step()` = schedule -> run the model -> sample -> update requests -> outputs.
+"""The engine core: token ids in, token ids out. One `step()` = schedule -> launch -> collect.
 
-Everything here is synchronous and single-threaded; the offline `LLM` loops over `step()`, and the
-`AsyncEngine` drives it from a background loop.
+With async scheduling (the default) the host prepares and launches step N+1 while the GPU still runs step N:
+step N's samples stay on the device and feed step N+1's inputs, and are read back (one synchronisation per
+step) only after step N+1 is queued. A sample that ends its sequence (EOS, a stop token) is therefore
+known one step late, and that sequence's row in step N+1 is dropped. Steps that need every token on the
+host first (repetition or frequency penalties, tensor parallelism) run synchronously; outputs are the same
+either way.
+
+Input processing (tokenization, validation) and output processing (detokenization, stop strings) are the
+front's work (input_processor.py, output_processor.py); here everything is token ids.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
-from kvpilot.engine.config import EngineConfig, SamplingParams
-from kvpilot.engine.demo import resolve_model_path
-from kvpilot.engine.detokenizer import IncrementalDetokenizer, find_stop
+from kvpilot.engine.config import SamplingParams
 from kvpilot.engine.errors import RequestRejected, is_engine_fault
-from kvpilot.engine.input_processor import InputProcessor
+from kvpilot.engine.input_processor import check_fits
 from kvpilot.engine.kv_cache import KVCacheManager
-from kvpilot.engine.models.arch import ModelArch, load_arch
-from kvpilot.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvpilot.engine.messages import CoreInfo, CoreOutput, EngineRequest, EngineStats, SeqUpdate
+from kvpilot.engine.model_info import ModelInfo
+from kvpilot.engine.outputs import RequestMetrics
 from kvpilot.engine.parallel import SINGLE, check_divisible, destroy_process_group
-from kvpilot.engine.request import Request, SeqStatus, Sequence
-from kvpilot.engine.sampler import Sampler
+from kvpilot.engine.request import PLACEHOLDER, Request, SeqStatus, Sequence
+from kvpilot.engine.sampler import SampledBatch, Sampler, read_logprobs
 from kvpilot.engine.scheduler import Scheduler
 from kvpilot.engine.worker import WorkerPool, build_runner, resolve_device, start_tensor_parallel
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_free_blocks: int
-    num_total_blocks: int
-    prefix_cache_hits: int
-    prefix_cache_queries: int
-    num_preemptions: int
+@dataclass
+class _InFlight:
+    """A launched step whose samples are still on the device (or on their way to pinned host memory)."""
 
-
-def _eos_ids(model_dir: Path, arch: ModelArch, tokenizer: object | None) -> tuple[int, ...]:
-    ids = set(arch.eos_token_ids)
-    gen_cfg = model_dir / "generation_config.json"
-    if gen_cfg.is_file():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    eos_tok = getattr(tokenizer, "eos_token_id", None)
-    if eos_tok is not None:
-        ids.add(eos_tok)
-    return tuple(sorted(ids))
+    seqs: list[Sequence]
+    samples: SampledBatch
+    host_tokens: torch.Tensor
+    done: torch.cuda.Event | None
+    rows: dict[int, int] = field(default_factory=dict)  # seq id -> row, for the next step's inputs
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
-        self.model_dir = resolve_model_path(config.model)
-        arch = load_arch(self.model_dir)
-        max_len = config.max_model_len or arch.max_position_embeddings
-        if max_len > arch.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len ({max_len}) exceeds the model's max_position_embeddings "
-                f"({arch.max_position_embeddings})"
-            )
-        if arch.sliding_window and max_len > arch.sliding_window:
-            log.warning("sliding window %d is not implemented: capping max_model_len to it", arch.sliding_window)
-            max_len = arch.sliding_window
-        self.config = config.model_copy(update={"max_model_len": max_len})
-        self.arch = arch
-        self.tokenizer = self._load_tokenizer()
+    def __init__(self, info: ModelInfo, eos_token_ids: tuple[int, ...]) -> None:
+        config = self.config = info.config
+        self.arch = info.arch
         self.workers: WorkerPool | None = None
         tp = SINGLE
         if config.tensor_parallel_size > 1:
-            check_divisible(arch, config.tensor_parallel_size)
-            resolve_device(self.config)  # fail fast when there are too few GPUs, before spawning anything
-            self.workers, tp = start_tensor_parallel(self.config, self.model_dir, arch)
+            check_divisible(info.arch, config.tensor_parallel_size)
+            resolve_device(config)  # fail fast when there are too few GPUs, before spawning anything
+            self.workers, tp = start_tensor_parallel(config, info.model_dir, info.arch)
         try:
-            self.runner = build_runner(self.config, self.model_dir, arch, tp)
+            self.runner = build_runner(config, info.model_dir, info.arch, tp)
         except BaseException:
             self.close()
             raise
-        if self.workers is not None:
-            self.runner.on_step = self.workers.send
-        device = self.runner.device
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, self.kv)
-        self.eos_token_ids = _eos_ids(self.model_dir, arch, self.tokenizer)
-        self.sampler = Sampler(self.eos_token_ids, device, config.seed)
-        self.inputs = InputProcessor.for_model(self.tokenizer, arch.vocab_size, max_len)
+        self.scheduler = Scheduler(config, self.kv)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.sampler = Sampler(tuple(sorted(eos_token_ids)), self.runner.device, config.seed)
+        # Ranks other than 0 need every input token id on the host, so tensor parallelism steps synchronously.
+        self.async_scheduling = config.async_scheduling and self.workers is None
         self.requests: dict[str, Request] = {}
-        self.detoks: dict[int, IncrementalDetokenizer] = {}
+        self._in_flight: _InFlight | None = None
+        if self.runner.device.type == "cuda":
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run every kind of step the engine can meet (prefill of several lengths, chunked, mixed with
+        decodes; each sampling path) before the first request, so that no kernel compiles under load:
+        ready means warm. The pool, the prefix cache and the counters are reset afterwards."""
+        start = time.perf_counter()
+        budget = self.config.max_num_batched_tokens
+        longest = min(budget + 64, (self.config.max_model_len or 0) - 16)
+        kinds = [
+            SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=1.0, seed=1, min_p=0.05, logprobs=2, ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.1,
+                           logit_bias={1: 1.0}, min_tokens=2, stop_token_ids=[3], ignore_eos=True),
+        ]
+        lengths = [n for n in (1, 2, 17, 64, 333, longest) if 0 < n <= longest]
+        for i, n in enumerate(lengths):
+            params = kinds[i % len(kinds)]
+            self.add(EngineRequest(f"warmup-{i}", [7 + (j % 1000) for j in range(n)], params, time.monotonic()))
+            self.step()  # the next prompt joins decodes already running: mixed steps too
+        while self.has_unfinished:
+            self.step()
+        self.kv = KVCacheManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.kv)
+        self.sampler = Sampler(self.sampler.eos_token_ids, self.runner.device, self.config.seed)
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        log.info("warm-up: %d prompt lengths up to %d tokens, every sampling path, in %.1f s", len(lengths),
+                 longest, time.perf_counter() - start)
+
+    @property
+    def info(self) -> CoreInfo:
+        return CoreInfo(self.kv.num_blocks, self.kv.block_size, self.config.max_model_len or 0)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
@@ -100,87 +111,47 @@ class EngineCore:
             self.workers = None
             destroy_process_group()
 
-    def _load_tokenizer(self) -> object | None:
-        if not any((self.model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            log.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", self.model_dir)
-            return None
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.model_dir)
-
     # ---- requests ---------------------------------------------------------------------------
-    def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        """Reject at once what could never be served: over max_model_len or over the whole KV pool."""
-        max_len = self.config.max_model_len or 0
-        if num_prompt_tokens == 0:
-            raise RequestRejected("prompt is empty: send at least one token", param="prompt")
-        total = num_prompt_tokens + params.max_tokens
-        if total > max_len:
-            raise RequestRejected(
-                f"this model's maximum context length is {max_len} tokens, but the request asks for "
-                f"{total} ({num_prompt_tokens} in the prompt + {params.max_tokens} max_tokens)",
-                param="max_tokens",
-            )
-        need = self.kv.blocks_for(total - 1)
-        if need > self.kv.num_blocks:
-            raise RequestRejected(
-                f"the request needs {need} KV blocks ({total} tokens) but the whole pool holds "
-                f"{self.kv.num_blocks}: shorten the prompt or max_tokens",
-                param="max_tokens",
-            )
-
-    def add_request(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        arrival_time: float | None = None,
-    ) -> Request:
-        """Tokenize, validate and admit (the offline path; the server processes inputs off its event loop)."""
-        token_ids = self.inputs.process(prompt, params)
-        text = prompt if isinstance(prompt, str) else None
-        return self.add_processed(token_ids, params, request_id, arrival_time, text)
-
-    def add_processed(
-        self,
-        token_ids: list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        arrival_time: float | None = None,
-        prompt_text: str | None = None,
-    ) -> Request:
-        """Admit a request whose inputs `self.inputs` already processed."""
-        self.check_fits(len(token_ids), params)
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self.requests:
-            raise RequestRejected(f"request id {request_id!r} is already running", param="request_id")
-        request = Request(
-            request_id, prompt_text, token_ids, params, RequestMetrics(arrival_time=arrival_time or time.monotonic())
-        )
+    def add(self, req: EngineRequest) -> None:
+        """Admit a request whose inputs the front already processed."""
+        params = req.params
+        check_fits(self.info, len(req.prompt_token_ids), params.max_tokens)
+        if req.request_id in self.requests:
+            raise RequestRejected(f"request id {req.request_id!r} is already running", param="request_id")
+        request = Request(req.request_id, req.prompt_token_ids, params, RequestMetrics(arrival_time=req.arrival_time))
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
-            seq = Sequence(request, i, list(token_ids), len(token_ids), generator=gen)
+            seq = Sequence(request, i, list(req.prompt_token_ids), len(req.prompt_token_ids), generator=gen)
             request.seqs.append(seq)
-            if self.tokenizer is not None:
-                self.detoks[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             self.scheduler.add(seq)
-        self.requests[request_id] = request
-        return request
+        self.requests[req.request_id] = request
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> CoreOutput | None:
+        """End a request now; its unfinished samples end with 'abort' and free their blocks."""
         request = self.requests.get(request_id)
         if request is None:
             return None
+        updates = [SeqUpdate(s.index, [], None, "abort") for s in request.seqs if not s.finished]
         for seq in request.seqs:
             if not seq.finished:
                 self._finish(seq, "abort")
-        return self._pop_output(request)
+        return self._pop(request, updates)
+
+    def finish_samples(self, samples: list[tuple[str, int]]) -> None:
+        """Samples the front ended (a stop string matched its text): free them."""
+        for request_id, index in samples:
+            request = self.requests.get(request_id)
+            if request is None or request.seqs[index].finished:
+                continue
+            self._finish(request.seqs[index], "stop")
+            if request.finished:
+                del self.requests[request_id]
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._in_flight is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -195,145 +166,149 @@ class EngineCore:
         )
 
     # ---- the step ---------------------------------------------------------------------------
-    def step(self, stream: bool = True) -> list[RequestOutput]:
-        """One engine iteration. With stream=False only finished requests get an output (offline use).
+    def step(self) -> list[CoreOutput]:
+        """One engine iteration; returns the updates of the step collected in it.
 
         A failure that belongs to requests (not to the device) fails those requests alone: they finish
         with an error and free their blocks, and the engine keeps serving the rest.
         """
+        outputs: list[CoreOutput] = []
+        if self._in_flight is not None and self._needs_history():
+            outputs += self._collect(self._in_flight)
+            self._in_flight = None
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        failed: list[RequestOutput] = []
+        launched = self._launch(sched.scheduled, outputs) if sched.scheduled else None
+        if self._in_flight is not None:
+            outputs += self._collect(self._in_flight)
+        self._in_flight = launched
+        if launched is not None and not self.async_scheduling:
+            outputs += self._collect(launched)
+            self._in_flight = None
+        return outputs
+
+    def _needs_history(self) -> bool:
+        """Whether a running sequence's sampling reads its previous tokens (penalties): collect first."""
+        return any(seq.params.needs_history for seq in self.scheduler.running)
+
+    def _launch(self, scheduled: list[tuple[Sequence, int]], failed: list[CoreOutput]) -> _InFlight | None:
+        prev = self._in_flight
+        inputs, sampled = self.runner.prepare(scheduled, prev.rows if prev is not None else None)
         try:
-            result = self.runner.execute(sched.scheduled)
+            if self.workers is not None:
+                self.workers.send(inputs)
+            logits = self.runner.run(inputs, prev.samples.tokens if prev is not None else None)
+            samples, sampled = self._sample(logits, sampled, failed)
         except Exception as exc:
             if is_engine_fault(exc) or self.workers is not None:  # ranks would disagree on what ran
                 raise
-            for request in {id(seq.request): seq.request for seq, _ in sched.scheduled}.values():
+            for request in {id(seq.request): seq.request for seq, _ in scheduled}.values():
                 failed.append(self._fail(request, exc))
-            return failed
-        for seq, n in sched.scheduled:
+            return None
+        for seq, n in scheduled:
             seq.num_computed_tokens += n
-            self.kv.cache_full_blocks(seq)
-        sampled, tokens, logprobs = self._sample(result.logits, result.sampled, failed)
-        now = time.monotonic()
-        touched: dict[str, Request] = {}
-        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
-            if seq.request.error is not None:  # a sibling sample failed this step
-                continue
-            try:
-                self._append(seq, token, logprob)
-            except Exception as exc:
-                if is_engine_fault(exc):
-                    raise
-                failed.append(self._fail(seq.request, exc))
-                continue
-            metrics = seq.request.metrics
-            metrics.first_token_time = metrics.first_token_time or now
-            metrics.last_token_time = now
-            touched[seq.request.request_id] = seq.request
-        outputs = [
-            self._pop_output(r) if r.finished else self._output(r)
-            for r in touched.values()
-            if r.error is None and (stream or r.finished)
-        ]
-        return failed + outputs
+            self.kv.cache_full_blocks(seq)  # later steps run after this one on the stream: sharing is safe
+        if samples is None:
+            return None
+        for seq in sampled:
+            seq.token_ids.append(PLACEHOLDER)
+            seq.num_pending += 1
+        host = samples.tokens.to("cpu", non_blocking=True) if samples.tokens.is_cuda else samples.tokens
+        done = None
+        if samples.tokens.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        rows = {seq.seq_id: row for row, seq in enumerate(sampled)}
+        return _InFlight(sampled, samples, host, done, rows)
 
     def _sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], failed: list[RequestOutput]
-    ) -> tuple[list[Sequence], list[int], list[object]]:
-        """Sample the batch at once; if that fails, row by row, so only the rows at fault fail."""
+        self, logits: torch.Tensor, seqs: list[Sequence], failed: list[CoreOutput]
+    ) -> tuple[SampledBatch | None, list[Sequence]]:
+        """Sample the batch at once; if that fails, find the rows at fault one by one and fail only them."""
         if not seqs:
-            return [], [], []
+            return None, []
         try:
-            tokens, logprobs = self.sampler(logits, seqs)
-            return seqs, tokens, list(logprobs)
+            return self.sampler(logits, seqs), seqs
         except Exception as exc:
             if is_engine_fault(exc):
                 raise
             log.warning("batched sampling failed (%s): isolating the failing request", exc)
-        kept: list[Sequence] = []
-        tokens, logprobs = [], []
         for i, seq in enumerate(seqs):
             if seq.request.error is not None:
                 continue
             try:
-                token, logprob = self.sampler(logits[i : i + 1], [seq])
+                self.sampler(logits[i : i + 1], [seq])
+            except Exception as exc:
+                if is_engine_fault(exc):
+                    raise
+                failed.append(self._fail(seq.request, exc))
+        keep = [i for i, seq in enumerate(seqs) if seq.request.error is None]
+        if not keep:
+            return None, []
+        kept = [seqs[i] for i in keep]
+        return self.sampler(logits[keep], kept), kept
+
+    def _collect(self, flight: _InFlight) -> list[CoreOutput]:
+        """Read a launched step's samples back (the step's one synchronisation) and move sequences on."""
+        if flight.done is not None:
+            flight.done.synchronize()
+        tokens = flight.host_tokens.tolist()
+        asked = [seq.params.logprobs for seq in flight.seqs]
+        logprobs = read_logprobs(flight.samples, asked, tokens)
+        updates: dict[str, list[SeqUpdate]] = {}
+        touched: dict[str, Request] = {}
+        failed: list[CoreOutput] = []
+        for seq, token, logprob in zip(flight.seqs, tokens, logprobs, strict=True):
+            if seq.finished or seq.request.error is not None:
+                continue  # ended while this step ran (EOS one step earlier, an abort): the sample is dropped
+            try:
+                update = self._append(seq, token, logprob)
             except Exception as exc:
                 if is_engine_fault(exc):
                     raise
                 failed.append(self._fail(seq.request, exc))
                 continue
-            kept.append(seq)
-            tokens += token
-            logprobs += logprob
-        return kept, tokens, logprobs
+            request = seq.request
+            touched[request.request_id] = request
+            updates.setdefault(request.request_id, []).append(update)
+        return failed + [self._pop(r, updates[i]) if r.finished else self._update(r, updates[i])
+                         for i, r in touched.items()]
 
-    def _fail(self, request: Request, exc: BaseException) -> RequestOutput:
+    def _append(self, seq: Sequence, token: int, logprob: object) -> SeqUpdate:
+        seq.fill_pending(token)
+        self.kv.cache_full_blocks(seq)
+        p = seq.params
+        update = SeqUpdate(seq.index, [token], [logprob] if logprob is not None else None)  # type: ignore[list-item]
+        produced = seq.num_output_tokens - seq.num_pending
+        if not p.ignore_eos and token in self.eos_token_ids:
+            update.finish_reason = "stop"
+        elif token in p.stop_token_set:
+            update.finish_reason, update.stop_reason = "stop", token
+        elif produced >= p.max_tokens or seq.num_known_tokens >= (self.config.max_model_len or 0):
+            update.finish_reason = "length"
+        if update.finish_reason is not None:
+            self._finish(seq, update.finish_reason)
+        return update
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.status = SeqStatus.FINISHED
+        self.scheduler.remove(seq)
+
+    def _fail(self, request: Request, exc: BaseException) -> CoreOutput:
         """End a request that an error in its own processing broke; the engine carries on."""
         log.error("request %s failed: %s: %s", request.request_id, type(exc).__name__, exc, exc_info=exc)
         request.error = f"{type(exc).__name__}: {exc}"
         for seq in request.seqs:
             if not seq.finished:
                 self._finish(seq, "error")
-        return self._pop_output(request)
+        return self._pop(request, [])
 
-    def _append(self, seq: Sequence, token: int, logprob: object) -> None:
-        seq.token_ids.append(token)
-        seq.new_tokens += 1
-        if logprob is not None:
-            seq.logprobs.append(logprob)  # type: ignore[arg-type]
-        p = seq.params
-        detok = self.detoks.get(seq.seq_id)
-        new_text = detok.add([token]) if detok is not None else ""
-        seq.text += new_text
-        if not p.ignore_eos and token in self.eos_token_ids:
-            self._finish(seq, "stop")
-        elif token in p.stop_token_set:
-            self._finish(seq, "stop", token)
-        elif p.stop and (hit := find_stop(seq.text, len(new_text), p.stop)):
-            seq.text = seq.text[: hit[0]]
-            self._finish(seq, "stop", hit[1])
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= (self.config.max_model_len or 0):
-            self._finish(seq, "length")
+    def _update(self, request: Request, seqs: list[SeqUpdate]) -> CoreOutput:
+        m = request.metrics
+        return CoreOutput(request.request_id, seqs, request.finished, m.first_scheduled_time, m.num_cached_tokens,
+                          m.num_preemptions, request.error)
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        seq.status = SeqStatus.FINISHED
-        self.scheduler.remove(seq)
-        self.detoks.pop(seq.seq_id, None)
+    def _pop(self, request: Request, seqs: list[SeqUpdate]) -> CoreOutput:
+        self.requests.pop(request.request_id, None)
+        return self._update(request, seqs)
 
-    def _output(self, request: Request) -> RequestOutput:
-        holdback = max((len(s) for s in request.params.stop), default=1) - 1
-        outputs = []
-        for seq in request.seqs:
-            text = seq.text if seq.finished or not holdback else seq.text[: max(0, len(seq.text) - holdback)]
-            outputs.append(
-                CompletionOutput(
-                    index=seq.index,
-                    token_ids=seq.output_token_ids,
-                    text=text,
-                    logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
-            )
-        counts = [seq.new_tokens for seq in request.seqs]
-        for seq in request.seqs:
-            seq.new_tokens = 0
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            outputs=outputs,
-            metrics=request.metrics,
-            finished=request.finished,
-            new_token_counts=counts,
-            error=request.error,
-        )
-
-    def _pop_output(self, request: Request) -> RequestOutput:
-        request.metrics.finished_time = time.monotonic()
-        del self.requests[request.request_id]
-        return self._output(request)

@@ -12,6 +12,7 @@ from typing import Any
 
 from kvpilot.engine.config import SamplingParams
 from kvpilot.engine.errors import RequestRejected
+from kvpilot.engine.messages import CoreInfo
 
 # A prompt longer than this many characters per token of context can never fit: refuse it before paying
 # for its tokenization (a few seconds per megabyte). No common tokenizer averages more than a few.
@@ -22,14 +23,18 @@ CHARS_PER_TOKEN_BOUND = 16
 class InputProcessor:
     tokenizer: Any | None
     vocab_size: int
-    max_model_len: int
+    core: CoreInfo  # the context and KV pool the engine core resolved
     max_prompt_chars: int
 
     @classmethod
-    def for_model(cls, tokenizer: Any | None, vocab_size: int, max_model_len: int,
+    def for_model(cls, tokenizer: Any | None, vocab_size: int, core: CoreInfo,
                   max_prompt_chars: int | None = None) -> InputProcessor:
-        limit = max_prompt_chars or CHARS_PER_TOKEN_BOUND * max_model_len
-        return cls(tokenizer, vocab_size, max_model_len, limit)
+        limit = max_prompt_chars or CHARS_PER_TOKEN_BOUND * core.max_model_len
+        return cls(tokenizer, vocab_size, core, limit)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
 
     def check_text(self, text: str, param: str = "prompt") -> None:
         if len(text) > self.max_prompt_chars:
@@ -63,8 +68,29 @@ class InputProcessor:
             raise RequestRejected(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
         if params.top_k > vocab:
             raise RequestRejected(f"top_k must be at most the vocabulary size ({vocab}), or -1", param="top_k")
+        check_fits(self.core, len(token_ids), params.max_tokens)
 
     def process(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         token_ids = self.tokenize(prompt)
         self.check(token_ids, params)
         return token_ids
+
+
+def check_fits(core: CoreInfo, num_prompt_tokens: int, max_tokens: int) -> None:
+    """What could never be served as asked: empty, over max_model_len, or over the whole KV pool."""
+    if num_prompt_tokens == 0:
+        raise RequestRejected("prompt is empty: send at least one token", param="prompt")
+    total = num_prompt_tokens + max_tokens
+    if total > core.max_model_len:
+        raise RequestRejected(
+            f"this model's maximum context length is {core.max_model_len} tokens, but the request asks for "
+            f"{total} ({num_prompt_tokens} in the prompt + {max_tokens} max_tokens)",
+            param="max_tokens",
+        )
+    need = -(-(total - 1) // core.block_size)
+    if need > core.num_kv_blocks:
+        raise RequestRejected(
+            f"the request needs {need} KV blocks ({total} tokens) but the whole pool holds "
+            f"{core.num_kv_blocks}: shorten the prompt or max_tokens",
+            param="max_tokens",
+        )

@@ -73,10 +73,13 @@ class KVCacheManager:
         return hits
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Name every block the sequence has filled with computed tokens, so others can share it."""
+        """Name every block the sequence has filled with computed tokens, so others can share it.
+
+        A block holding a token still on the GPU (async scheduling) waits: its name needs every token id.
+        """
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         for index in range(seq.num_cached_blocks, full):
             block = self.blocks[seq.block_table[index]]
             if block.block_hash is not None:

@@ -1,12 +1,23 @@
-"""Offline generation: submit a batch, step the core until it drains, return outputs in input order."""
+"""Offline generation: submit a batch, step the core until it drains, return outputs in input order.
+
+The same three parts as the server, in one process and one thread: input processing, the engine core,
+output processing.
+"""
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from kvpilot.engine.config import EngineConfig, SamplingParams
 from kvpilot.engine.engine_core import EngineCore
+from kvpilot.engine.errors import RequestFailed
+from kvpilot.engine.input_processor import InputProcessor
+from kvpilot.engine.messages import CoreOutputs, EngineRequest
+from kvpilot.engine.model_info import eos_token_ids, load_tokenizer, resolve
+from kvpilot.engine.output_processor import OutputProcessor
 from kvpilot.engine.outputs import RequestOutput
 
 Prompt = str | list[int]
@@ -16,12 +27,36 @@ class LLM:
     """`LLM(model="demo", max_num_seqs=8).generate(["Hello"], SamplingParams(max_tokens=8))`."""
 
     def __init__(self, model: str, **engine_config: Any) -> None:
-        self.config = EngineConfig(model=model, **engine_config)
-        self.core = EngineCore(self.config)
+        info = resolve(EngineConfig(model=model, **engine_config))
+        self.config = info.config
+        self.tokenizer: Any = load_tokenizer(info.model_dir)
+        self.core = EngineCore(info, eos_token_ids(info, self.tokenizer))
+        self.inputs = InputProcessor.for_model(self.tokenizer, info.arch.vocab_size, self.core.info)
+        self.outputs = OutputProcessor(self.tokenizer)
 
-    @property
-    def tokenizer(self) -> Any:
-        return self.core.tokenizer
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
+        """Process and submit one request; `step()` moves it on."""
+        token_ids = self.inputs.process(prompt, params)
+        request_id = request_id or uuid.uuid4().hex
+        arrival = time.monotonic()
+        self.core.add(EngineRequest(request_id, token_ids, params, arrival))
+        self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, arrival)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        self.core.abort(request_id)
+        return self.outputs.abort(request_id)
+
+    def step(self, stream: bool = False) -> list[RequestOutput]:
+        """One engine step; outputs of finished requests (every touched one with stream=True)."""
+        batch = CoreOutputs(self.core.step(), timestamp=time.monotonic())
+        outputs, stopped = self.outputs.process(batch, stream=stream)
+        if stopped:
+            self.core.finish_samples(stopped)
+        for out in outputs:
+            if out.error is not None:
+                raise RequestFailed(out.request_id)
+        return outputs
 
     def generate(
         self,
@@ -38,19 +73,18 @@ class LLM:
         )
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        ids = []
+        ids: list[str] = []
         try:
             for prompt, p in zip(prompts, params, strict=True):
-                ids.append(self.core.add_request(prompt, p).request_id)
+                ids.append(self.add_request(prompt, p))
         except Exception:
             for request_id in ids:
-                self.core.abort(request_id)
+                self.abort(request_id)
             raise
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
-            if not self.core.scheduler.has_work:
+            if not self.core.has_unfinished:
                 raise RuntimeError("engine idle with unfinished requests: a scheduling invariant broke")
-            for out in self.core.step(stream=False):
-                if out.finished:
-                    done[out.request_id] = out
+            for out in self.step():
+                done[out.request_id] = out
         return [done[i] for i in ids]

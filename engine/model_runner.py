@@ -7,14 +7,14 @@ and sizes the KV pool (on CUDA from measured memory, on CPU from an explicit bud
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from kvpilot.engine.attention.backend import AttentionBackend, AttentionMetadata
 from kvpilot.engine.config import EngineConfig
 from kvpilot.engine.cuda_graphs import DecodeGraphs
+from kvpilot.engine.host_buffers import HostBuffers
+from kvpilot.engine.input_batch import StepInputs, build_step_inputs
 from kvpilot.engine.models.arch import ModelArch
 from kvpilot.engine.models.llama import CausalLM
 from kvpilot.engine.parallel import SINGLE, TPGroup
@@ -23,25 +23,6 @@ from kvpilot.engine.request import Sequence
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 256 * 1024**2
-
-
-@dataclass
-class StepInputs:
-    """A step's host-side inputs: all any tensor-parallel rank needs to run the same forward."""
-
-    ids: list[int]
-    positions: list[int]
-    slots: np.ndarray
-    query_lens: list[int]
-    seq_lens: list[int]
-    tables: list[list[int]]
-    sample_rows: list[int]
-
-
-@dataclass
-class StepResult:
-    logits: torch.Tensor  # [num_sampled, vocab] fp32
-    sampled: list[Sequence]  # the sequences whose slice reached their end, row order of logits
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -65,11 +46,11 @@ class ModelRunner:
         self.arch = arch
         self.tp = tp
         self.max_model_len = max_model_len = config.max_model_len or arch.max_position_embeddings
-        self.on_step: Callable[[StepInputs], None] | None = None  # rank 0 hands each step to the other ranks
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.block_size = config.block_size
         self.backend = select_backend(config.attention_backend, self.device)
+        self.buffers = HostBuffers(self.device)
         model.set_attention_backend(self.backend)
         self.num_blocks = tp.min_int(self._size_kv_pool(), self.device)
         kv_heads = arch.num_kv_heads // tp.size
@@ -155,64 +136,46 @@ class ModelRunner:
     def _metadata(
         self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: np.ndarray
     ) -> AttentionMetadata:
-        width = max(max((len(t) for t in tables), default=0), 1)
-        table = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32).reshape(len(tables), width)
-        dev = self.device
+        cu = np.zeros(len(query_lens) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=cu[1:])
         return AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            cu_seqlens_q=torch.tensor(np.concatenate([[0], np.cumsum(query_lens)]), dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
+            slot_mapping=self.buffers.to_device("slots", slots),
+            cu_seqlens_q=self.buffers.to_device("cu", cu),
+            seq_lens=self.buffers.to_device("seq_lens", np.asarray(seq_lens, dtype=np.int32)),
+            block_tables=self.buffers.table_to_device(tables),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence]]:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, seq_lens, tables, sample_rows, sampled = [], [], [], [], []
-        for seq, n in scheduled:
-            start = seq.num_computed_tokens
-            table = seq.block_table
-            if n == 1:  # decode: plain integer arithmetic beats array set-up for one token
-                ids.append(seq.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                ids.extend(seq.token_ids[start : start + n])
-                pos = np.arange(start, start + n)
-                positions.extend(pos.tolist())
-                slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            tables.append(table)
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(ids) - 1)
-                sampled.append(seq)
-        slot_array = np.asarray(slots, dtype=np.int64)
-        return StepInputs(ids, positions, slot_array, query_lens, seq_lens, tables, sample_rows), sampled
+    def prepare(
+        self, scheduled: list[tuple[Sequence, int]], prev_rows: dict[int, int] | None = None
+    ) -> tuple[StepInputs, list[Sequence]]:
+        return build_step_inputs(scheduled, self.block_size, prev_rows or {})
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """The forward of one step on this rank; logits [sampled rows, vocab] (every rank gets them)."""
+    def run(self, inputs: StepInputs, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward of one step on this rank; logits [sampled rows, vocab] (every rank gets them).
+
+        Nothing here waits for the device: inputs go up through pinned buffers, and decode rows whose token
+        is still on the GPU take it from `prev_tokens`, the previous step's samples.
+        """
+        self.buffers.flip()
         meta = self._metadata(inputs.query_lens, inputs.seq_lens, inputs.tables, inputs.slots)
-        input_ids = torch.tensor(inputs.ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos_t = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
+        input_ids = self.buffers.to_device("ids", inputs.ids)
+        pos_t = self.buffers.to_device("positions", inputs.positions)
+        if inputs.subs_dst:
+            if prev_tokens is None:
+                raise RuntimeError("a step needs the previous step's samples, but none are on the device")
+            dst = self.buffers.to_device("subs_dst", np.asarray(inputs.subs_dst, dtype=np.int64))
+            src = self.buffers.to_device("subs_src", np.asarray(inputs.subs_src, dtype=np.int64))
+            input_ids.index_copy_(0, dst, prev_tokens.index_select(0, src))
         if self.graphs is not None and meta.is_decode_only and len(inputs.query_lens) <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, pos_t, meta.slot_mapping, meta.seq_lens, meta.block_tables)
         else:
             hidden = self.model(input_ids, pos_t, self.kv_caches, meta)
         if len(inputs.sample_rows) == hidden.shape[0]:
             return self.model.compute_logits(hidden)
-        rows = torch.tensor(inputs.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        rows = self.buffers.to_device("rows", np.asarray(inputs.sample_rows, dtype=np.int64))
         return self.model.compute_logits(hidden[rows])
-
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
-        inputs, sampled = self.prepare(scheduled)
-        if self.on_step is not None:
-            self.on_step(inputs)
-        return StepResult(self.run(inputs), sampled)

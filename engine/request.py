@@ -1,4 +1,8 @@
-"""A request and its sequences (one per sample), with the state the scheduler and detokenizer move forward."""
+"""A request and its sequences (one per sample), as the engine core moves them forward, in token ids only.
+
+Under async scheduling a sequence's last token(s) can still be on the GPU: `token_ids` then ends with
+`num_pending` PLACEHOLDER entries, filled in when the step that sampled them is collected.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 from kvpilot.engine.config import SamplingParams
-from kvpilot.engine.outputs import RequestMetrics, TokenLogprob
+from kvpilot.engine.outputs import RequestMetrics
 
 _seq_ids = itertools.count()
+PLACEHOLDER = -1
 
 
 class SeqStatus(enum.Enum):
@@ -38,11 +43,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks already offered to the prefix cache
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    text: str = ""
+    num_pending: int = 0  # trailing tokens sampled on the GPU, not yet read back
     finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    new_tokens: int = 0  # tokens gained in the current step, for streaming deltas
+    stop_reason: int | None = None
 
     @property
     def params(self) -> SamplingParams:
@@ -58,7 +61,17 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Sampled so far, the ones still on the GPU included."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) - self.num_pending
+
+    def fill_pending(self, token: int) -> None:
+        """The oldest placeholder's value arrived from the GPU."""
+        self.token_ids[len(self.token_ids) - self.num_pending] = token
+        self.num_pending -= 1
 
     @property
     def parent(self) -> Sequence | None:
@@ -73,7 +86,6 @@ class Sequence:
 @dataclass(eq=False)
 class Request:
     request_id: str
-    prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     metrics: RequestMetrics

@@ -8,9 +8,21 @@ on which other requests share the batch; unseeded rows draw together from the en
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from kvpilot.engine.outputs import TokenLogprob
 from kvpilot.engine.request import Sequence
+
+
+@dataclass
+class SampledBatch:
+    """A step's samples, still on the device: the core reads them back one step later."""
+
+    tokens: torch.Tensor  # [B] int64
+    logprob: torch.Tensor | None = None  # [B] the chosen token's raw logprob
+    top_ids: torch.Tensor | None = None  # [B, k] the k most likely tokens, k = the largest logprobs asked
+    top_logprobs: torch.Tensor | None = None
 
 
 class Sampler:
@@ -19,31 +31,46 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
+        """Sample one token per row without waiting for the device (no host synchronisation)."""
         params = [s.params for s in seqs]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+        wants = [p.logprobs for p in params if p.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants else None
         logits = self._apply_penalties(logits, seqs)
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        if len(greedy) == len(params):  # the common cases take one batched op
-            token_list = logits.argmax(dim=-1).tolist()
-            return token_list, self._logprobs(raw_logprobs, token_list, params)
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
-        if greedy:
-            idx = torch.tensor(greedy, device=logits.device)
-            tokens[idx] = logits[idx].argmax(dim=-1)
+        # The common all-greedy case takes one batched op.
+        tokens = logits.argmax(dim=-1) if len(greedy) == len(params) else self._sample_mixed(logits, seqs, greedy)
+        batch = SampledBatch(tokens)
+        if raw_logprobs is not None:
+            batch.logprob = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+            k = max(wants)
+            if k > 0:
+                batch.top_logprobs, batch.top_ids = raw_logprobs.topk(k, dim=-1)
+        return batch
+
+    def _sample_mixed(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[int]) -> torch.Tensor:
+        dev = logits.device
+        params = [s.params for s in seqs]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
-            probs = _filtered_probs(logits[random_rows], [params[i] for i in random_rows])
-            seeded = [j for j, i in enumerate(random_rows) if seqs[i].generator is not None]
-            unseeded = [j for j, i in enumerate(random_rows) if seqs[i].generator is None]
-            if unseeded:
-                draws = torch.multinomial(probs[unseeded], 1, generator=self.generator).squeeze(1)
-                tokens[torch.tensor([random_rows[j] for j in unseeded], device=logits.device)] = draws
-            for j in seeded:
-                gen = seqs[random_rows[j]].generator
-                tokens[random_rows[j]] = torch.multinomial(probs[j], 1, generator=gen)[0]
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(raw_logprobs, token_list, params)
+        some = len(random_rows) < len(seqs)
+        probs = _filtered_probs(logits.index_select(0, upload(random_rows, dev)) if some else logits,
+                                [params[i] for i in random_rows])
+        seeded = [j for j, i in enumerate(random_rows) if seqs[i].generator is not None]
+        unseeded = [j for j, i in enumerate(random_rows) if seqs[i].generator is None]
+        if not some and not seeded:  # the common all-random case: one draw for the batch
+            return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=dev)
+        if greedy:
+            idx = upload(greedy, dev)
+            tokens.index_copy_(0, idx, logits.index_select(0, idx).argmax(dim=-1))
+        if unseeded:
+            pick = probs if len(unseeded) == len(random_rows) else probs.index_select(0, upload(unseeded, dev))
+            draws = torch.multinomial(pick, 1, generator=self.generator).squeeze(1)
+            tokens.index_copy_(0, upload([random_rows[j] for j in unseeded], dev), draws)
+        for j in seeded:
+            gen = seqs[random_rows[j]].generator
+            tokens[random_rows[j]] = torch.multinomial(probs[j], 1, generator=gen)[0]
+        return tokens
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logit_bias, min_tokens and the penalties, on a copy: the caller's logits stay as the model gave them."""
@@ -59,56 +86,65 @@ class Sampler:
             if not copied:
                 logits, copied = logits.clone(), True
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-                bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                ids = upload(list(p.logit_bias), logits.device)
+                bias = upload(list(p.logit_bias.values()), logits.device, logits.dtype)
                 logits[i].index_add_(0, ids, bias)
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+                seen = upload(sorted(set(seq.token_ids)), logits.device)
                 vals = logits[i, seen]
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
-                out = torch.tensor(seq.output_token_ids, device=logits.device)
+                out = upload(seq.output_token_ids, logits.device)
                 counts = torch.zeros_like(logits[i]).index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
             if banned:
                 ids = list(p.stop_token_set) + ([] if p.ignore_eos else list(self.eos_token_ids))
-                logits[i, torch.tensor(ids, dtype=torch.long, device=logits.device)] = float("-inf")
+                logits[i].index_fill_(0, upload(ids, logits.device), float("-inf"))
         return logits
 
-    @staticmethod
-    def _logprobs(raw: torch.Tensor | None, tokens: list[int], params: list) -> list[TokenLogprob | None]:
-        if raw is None:
-            return [None] * len(tokens)
-        result: list[TokenLogprob | None] = []
-        for i, (tok, p) in enumerate(zip(tokens, params, strict=True)):
-            if p.logprobs is None:
-                result.append(None)
-                continue
-            top: dict[int, float] = {}
-            if p.logprobs > 0:
-                vals, ids = raw[i].topk(p.logprobs)
-                top = dict(zip(ids.tolist(), vals.tolist(), strict=True))
-            result.append(TokenLogprob(tok, float(raw[i, tok]), top))
-        return result
+
+def upload(values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small per-step tensor onto the device without waiting for it: pageable host-to-device copies block
+    until the GPU has drained its queue, which would serialise the host and the GPU every step."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def read_logprobs(batch: SampledBatch, rows: list[int | None], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Host-side TokenLogprobs of a collected batch; rows[i] is how many alternatives row i asked for."""
+    if batch.logprob is None:
+        return [None] * len(rows)
+    chosen = batch.logprob.tolist()
+    top_ids = batch.top_ids.tolist() if batch.top_ids is not None else None
+    top_vals = batch.top_logprobs.tolist() if batch.top_logprobs is not None else None
+    result: list[TokenLogprob | None] = []
+    for i, k in enumerate(rows):
+        if k is None:
+            result.append(None)
+            continue
+        top = dict(zip(top_ids[i][:k], top_vals[i][:k], strict=True)) if k and top_ids and top_vals else {}
+        result.append(TokenLogprob(tokens[i], chosen[i], top))
+    return result
 
 
 def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
-    temps = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
+    dev = logits.device
+    temps = upload([p.temperature for p in params], dev, logits.dtype)
     logits = logits / temps[:, None]
     top_k = [p.top_k for p in params]
     if any(k > 0 for k in top_k):
         vocab = logits.shape[-1]
-        ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device).clamp(max=vocab)
+        ks = upload([min(k, vocab) if k > 0 else vocab for k in top_k], dev)
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (ks - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if any(p.top_p < 1.0 for p in params):
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=probs.dtype)
+        top_p = upload([p.top_p for p in params], dev, probs.dtype)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         exceeds = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
         sorted_probs = sorted_probs.masked_fill(exceeds, 0.0)
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
     if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=logits.device, dtype=probs.dtype)
+        min_p = upload([p.min_p for p in params], dev, probs.dtype)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs

@@ -35,6 +35,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len or 0
         self.seq_share = max(1, int(config.max_num_seqs * config.max_request_share))
         self.token_share = max(kv.block_size, int(config.max_num_batched_tokens * config.max_request_share))
         self.kv = kv
@@ -65,6 +66,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._sampled_last(seq):
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n > self.token_share and self._others_waiting(seq):
                 n = self.token_share
@@ -126,6 +130,10 @@ class Scheduler:
             if self.kv.enable_prefix_caching:
                 in_flight.update(self._uncomputed_prompt_blocks(seq))
         self.waiting.extendleft(reversed(deferred))
+
+    def _sampled_last(self, seq: Sequence) -> bool:
+        """Its final token is sampled and on its way back (async scheduling): it will finish by length."""
+        return seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _yield_slots(self) -> None:
         """Every slot is taken and someone waits: a request over its share gives back its newest samples.

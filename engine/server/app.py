@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -80,15 +81,25 @@ def build_app(engine: AsyncEngine, options: ServerOptions | None = None) -> Fast
     metrics = ServerMetrics(engine.config, engine.model_revision, engine.stats)
     ctx = ServingContext(engine, metrics, lifecycle, engine.config.name)
 
+    async def watch_engine() -> None:
+        """The engine core died: out of service at once, and out of the process, so Kubernetes restarts it."""
+        await engine.dead.wait()
+        lifecycle.mark_dead("engine failed")
+        on_death = getattr(app.state, "on_engine_death", None)
+        if on_death is not None:
+            on_death()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        watcher = asyncio.create_task(watch_engine(), name="kvpilot-engine-watch")
         if options.warmup:
             await _warm_up(engine)
         lifecycle.loaded = True
         log.info("ready: serving %s (revision %s)", ctx.model_name, engine.model_revision)
         yield
         lifecycle.loaded = False
+        watcher.cancel()
         await engine.shutdown()
 
     app = FastAPI(title="kvpilot", version=_version(), lifespan=lifespan,

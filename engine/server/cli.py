@@ -72,6 +72,13 @@ class DrainingServer(uvicorn.Server):
         self._app = app
         self._drain_timeout_s = drain_timeout_s
         self._drains: list[asyncio.Task[None]] = []
+        self.engine_died = False
+
+    def on_engine_death(self) -> None:
+        """No drain: nothing can finish without the engine. Clients already got their error events."""
+        log.error("the engine core died: exiting so the pod is restarted")
+        self.engine_died = True
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -121,5 +128,7 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(engine, options)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                timeout_graceful_shutdown=5, lifespan="on")
-    asyncio.run(DrainingServer(uv_config, app, options.drain_timeout_s).serve())
-    return 0
+    server = DrainingServer(uv_config, app, options.drain_timeout_s)
+    app.state.on_engine_death = server.on_engine_death
+    asyncio.run(server.serve())
+    return 1 if server.engine_died else 0

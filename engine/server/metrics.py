@@ -1,8 +1,9 @@
 """Prometheus metrics named after vLLM's (prefix `kvpilot:`), observed at the request's edges.
 
 Latencies come from the engine's monotonic request timestamps; engine-wide state (running, waiting,
-KV usage, prefix cache and preemption counts) is read from `engine.stats()` at scrape time, so it
-is never stale. Each app owns its registry, so several servers can live in one process.
+KV usage, prefix cache and preemption counts) is read from `engine.stats()` at scrape time: the engine
+core reports it with every step, across the process boundary. Each app owns its registry, so several
+servers can live in one process.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from kvpilot.engine.engine_core import EngineStats
+    from kvpilot.engine.messages import EngineStats
 
 LABELS = ["model_name", "revision"]
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from kvpilot.engine import LLM, EngineConfig, RequestRejected, SamplingParams
-from kvpilot.engine.engine_core import EngineCore
 from pydantic import ValidationError
 
 
@@ -28,15 +27,16 @@ def test_n_samples_share_the_prompt_blocks(llm: LLM) -> None:
     prompt = list(range(1, 50))  # three full blocks
     params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)
     core = llm.core
-    request = core.add_request(prompt, params)
+    request = core.requests[llm.add_request(prompt, params)]
     shared_seen = False
+    final = []
     while core.has_unfinished:
-        core.step()
+        final += llm.step()
         tables = [s.block_table for s in request.seqs if s.block_table]
         if len(tables) > 1:
             shared_seen |= all(t[:3] == tables[0][:3] for t in tables)
     assert shared_seen, "samples did not share the prompt's blocks"
-    outs = [s.output_token_ids for s in request.seqs]
+    outs = [o.token_ids for o in final[0].outputs]
     assert all(len(o) == 8 for o in outs)
     assert len({tuple(o) for o in outs}) > 1, "independent samples should differ"
     assert core.stats().num_free_blocks == core.stats().num_total_blocks
@@ -127,7 +127,7 @@ def test_empty_prompt_and_overflow_are_rejected_at_once(llm: LLM) -> None:
 
 
 def test_request_larger_than_pool_is_rejected(tiny_model) -> None:
-    core = EngineCore(EngineConfig(model=str(tiny_model("llama")), num_kv_blocks=4))
+    small = LLM(str(tiny_model("llama")), num_kv_blocks=4)
     with pytest.raises(RequestRejected, match="whole pool holds 4"):
-        core.add_request([1] * 60, SamplingParams(max_tokens=10))
-    core.add_request([1] * 50, SamplingParams(max_tokens=10))  # 59 tokens of KV: fits exactly
+        small.add_request([1] * 60, SamplingParams(max_tokens=10))
+    small.add_request([1] * 50, SamplingParams(max_tokens=10))  # 59 tokens of KV: fits exactly

@@ -5,8 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
-from kvpilot.engine import LLM, EngineConfig, SamplingParams
-from kvpilot.engine.engine_core import EngineCore
+from kvpilot.engine import LLM, SamplingParams
 
 PROMPTS = [[1, 2, 3], list(range(5, 40)), [7] * 20, list(range(100, 190))]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
@@ -33,4 +32,4 @@ def test_two_ranks_match_one(tiny_model, family: str) -> None:
 
 def test_indivisible_heads_are_named(tiny_model) -> None:
     with pytest.raises(ValueError, match="num_attention_heads"):
-        EngineCore(EngineConfig(model=str(tiny_model("llama")), tensor_parallel_size=3))
+        LLM(str(tiny_model("llama")), tensor_parallel_size=3)

@@ -57,9 +57,11 @@ class RunningServer:
 
 
 @contextmanager
-def serve(max_waiting_requests: int = 256, options: ServerOptions | None = None, **engine: Any) -> Iterator[
-        RunningServer]:
-    eng = AsyncEngine(EngineConfig(**{**SMALL_ENGINE, **engine}), max_waiting_requests=max_waiting_requests)
+def serve(max_waiting_requests: int = 256, options: ServerOptions | None = None, engine_process: bool = True,
+          **engine: Any) -> Iterator[RunningServer]:
+    """A server on the demo model; the engine core in its own process unless a test must reach into it."""
+    eng = AsyncEngine(EngineConfig(**{**SMALL_ENGINE, **engine}), max_waiting_requests=max_waiting_requests,
+                      engine_process=engine_process)
     app = build_app(eng, options)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))

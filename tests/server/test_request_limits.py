@@ -101,48 +101,45 @@ def test_many_chat_messages_refused(server: RunningServer) -> None:
     still_serving(server)
 
 
-def test_a_failing_request_fails_alone(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_request_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """A request whose own processing fails gets a 500 naming its id; the others and the engine carry on."""
-    detoks = server.engine.core.detoks
-    real_setitem = type(detoks).__setitem__
+    with serve(engine_process=False) as own:
+        core = own.engine.core
+        real = core.sampler
 
-    class Exploding:
-        def add(self, _: list[int]) -> str:
-            raise RuntimeError("secret internal detail")
+        def sampler(logits: Any, seqs: list[Any]) -> Any:
+            if any(s.token_ids[s.num_prompt_tokens - 1] == 401 for s in seqs):
+                raise RuntimeError("secret internal detail")
+            return real(logits, seqs)
 
-    def plant(d: dict[int, Any], key: int, value: Any) -> None:
-        doomed = getattr(value, "ids", [])[-1:] == [401]
-        real_setitem(d, key, Exploding() if doomed else value)
+        monkeypatch.setattr(core, "sampler", sampler)
+        ok = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True}
+        bad = {"model": "demo", "prompt": [5, 6, 401], "max_tokens": 6, "ignore_eos": True}
 
-    monkeypatch.setattr(server.engine.core, "detoks", type("D", (dict,), {"__setitem__": plant})(detoks))
-    ok = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True}
-    bad = {"model": "demo", "prompt": [5, 6, 401], "max_tokens": 6, "ignore_eos": True}
+        async def together() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=own.url, timeout=30) as client:
+                return list(await asyncio.gather(*(client.post("/v1/completions", json=b) for b in (ok, bad, ok))))
 
-    async def both() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-            return list(await asyncio.gather(*(client.post("/v1/completions", json=b) for b in (ok, bad, ok))))
-
-    first, failed, third = asyncio.run(both())
-    assert first.status_code == third.status_code == 200
-    assert failed.status_code == 500, failed.text
-    err = failed.json()["error"]
-    assert err["code"] == "request_failed" and "secret" not in err["message"]
-    with httpx.stream("POST", f"{server.url}/v1/completions", json={**bad, "stream": True}, timeout=30) as r:
-        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    assert events[-1]["error"]["code"] == "request_failed" and "secret" not in json.dumps(events)
-    monkeypatch.undo()
-    still_serving(server)
+        first, failed, third = asyncio.run(together())
+        assert first.status_code == third.status_code == 200
+        assert failed.status_code == 500, failed.text
+        err = failed.json()["error"]
+        assert err["code"] == "request_failed" and "secret" not in err["message"]
+        with httpx.stream("POST", f"{own.url}/v1/completions", json={**bad, "stream": True}, timeout=30) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "request_failed" and "secret" not in json.dumps(events)
+        still_serving(own)
 
 
 def test_device_fault_makes_the_pod_unready_without_leaking_internals(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a genuine engine fault (here CUDA out of memory) takes the replica out of service."""
     import torch
 
-    with serve() as own:
+    with serve(engine_process=False) as own:
         def oom(*_: Any) -> None:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 7 GiB at 0xdeadbeef")
 
-        monkeypatch.setattr(own.engine.core.runner, "execute", oom)
+        monkeypatch.setattr(own.engine.core.runner, "run", oom)
         r = httpx.post(f"{own.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2},
                        timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 from kvpilot.engine.config import EngineConfig, SamplingParams
-from kvpilot.engine.engine_core import EngineStats
+from kvpilot.engine.messages import EngineStats
 from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestRejected
 from kvpilot.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvpilot.engine.server import errors
