@@ -18,11 +18,14 @@ from kvpilot.engine.input_batch import StepInputs, build_step_inputs
 from kvpilot.engine.models.arch import ModelArch
 from kvpilot.engine.models.llama import CausalLM
 from kvpilot.engine.parallel import SINGLE, TPGroup
+from kvpilot.engine.piecewise_graphs import PiecewiseGraphs
 from kvpilot.engine.request import Sequence
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 256 * 1024**2
+# Steps up to this many tokens replay piecewise graphs; beyond it the GPU, not kernel launches, is the limit.
+MAX_PIECEWISE_TOKENS = 2048
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -64,6 +67,10 @@ class ModelRunner:
                 model, self.kv_caches, self.backend, min(config.max_num_seqs, 512), max_model_len, self.block_size
             )
             self.graphs.capture()
+        self.piecewise: PiecewiseGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.piecewise = PiecewiseGraphs(model, min(config.max_num_batched_tokens, MAX_PIECEWISE_TOKENS))
+            self.piecewise.capture()
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s backend); max concurrency at "
             "max_model_len %d: %.2f",
@@ -173,6 +180,8 @@ class ModelRunner:
             input_ids.index_copy_(0, dst, prev_tokens.index_select(0, src))
         if self.graphs is not None and meta.is_decode_only and len(inputs.query_lens) <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, pos_t, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        elif self.piecewise is not None and len(inputs.ids) <= self.piecewise.max_tokens:
+            hidden = self.piecewise.run(input_ids, pos_t, self.kv_caches, meta)
         else:
             hidden = self.model(input_ids, pos_t, self.kv_caches, meta)
         if len(inputs.sample_rows) == hidden.shape[0]:

@@ -35,10 +35,8 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.backend: AttentionBackend | None = None
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        assert self.backend is not None, "the model runner sets the attention backend before any forward"
+    def project(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D], rotated: everything before the attention itself."""
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
@@ -46,10 +44,21 @@ class Attention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        return (*self.rotary(positions, q, k), v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+               meta: AttentionMetadata) -> torch.Tensor:
+        assert self.backend is not None, "the model runner sets the attention backend before any forward"
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-        out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-        return self.tp.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
+        return self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.o_proj(attn.reshape(attn.shape[0], self.q_size)))
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.output(self.attend(*self.project(positions, x), kv_cache, meta))
 
 
 class MLP(nn.Module):
@@ -72,6 +81,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch, tp)
 
+    def pre_attention(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Norm and q/k/v: (q, k, v, residual). With the post-attention half, all of a layer but attention."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_forward(hidden, residual)
+        return (*self.self_attn.project(positions, hidden), residual)
+
+    def post_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = self.post_attention_layernorm.add_forward(self.self_attn.output(attn), residual)
+        return self.mlp(hidden), residual
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -80,14 +104,8 @@ class DecoderLayer(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm.add_forward(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm.add_forward(hidden, residual)
-        return self.mlp(hidden), residual
+        q, k, v, residual = self.pre_attention(positions, hidden, residual)
+        return self.post_attention(self.self_attn.attend(q, k, v, kv_cache, meta), residual)
 
 
 class DecoderModel(nn.Module):
