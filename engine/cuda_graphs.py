@@ -66,6 +66,13 @@ class DecodeGraphs:
             seq_lens_cpu=[self.max_model_len] * b,
         )
 
+    def split_for(self, batch: int) -> int:
+        """The split-K factor the graph for this batch size was captured with (so its kernel is compiled)."""
+        from kvpilot.kernels.paged_decode_attention import default_num_splits
+
+        size = next((s for s in self.sizes if s >= batch), self.sizes[-1])
+        return default_num_splits(size, self.kv_caches[0][0].shape[2], self.max_model_len, self.input_ids.device)
+
     def _pin_decode_splits(self, batch: int) -> None:
         """A graph bakes in its launch grid: fix split-K for the longest context this batch size may see."""
         if not hasattr(self.backend, "decode_num_splits"):
@@ -92,6 +99,7 @@ class DecodeGraphs:
             self.graphs[b] = graph
         if hasattr(self.backend, "decode_num_splits"):
             self.backend.decode_num_splits = None
+            self.backend.split_for = self.split_for
         torch.cuda.synchronize()
         log.info(
             "captured %d decode CUDA graphs (batch %s) in %.1fs",

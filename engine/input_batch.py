@@ -34,6 +34,8 @@ def build_step_inputs(
 ) -> tuple[StepInputs, list[Sequence]]:
     """`prev_rows` maps a sequence id to its row in the samples of the step still in flight."""
     bs = block_size
+    # Decodes first: attention then takes them as one block (GQA-packed split-K kernel), the chunks after them.
+    scheduled = sorted(scheduled, key=lambda item: item[1] != 1)
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []

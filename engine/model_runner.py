@@ -145,6 +145,10 @@ class ModelRunner:
     ) -> AttentionMetadata:
         cu = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=cu[1:])
+        num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
+        prefill_cu = None
+        if 0 < num_decodes < len(query_lens):
+            prefill_cu = self.buffers.to_device("prefill_cu", cu[num_decodes:] - cu[num_decodes])
         return AttentionMetadata(
             slot_mapping=self.buffers.to_device("slots", slots),
             cu_seqlens_q=self.buffers.to_device("cu", cu),
@@ -154,6 +158,8 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
+            num_decodes=num_decodes,
+            prefill_cu_seqlens_q=prefill_cu,
         )
 
     def prepare(

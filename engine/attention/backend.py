@@ -29,6 +29,10 @@ class AttentionMetadata:
     # Host copies, so reference code never syncs the device to read lengths.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # The batch's leading sequences that decode one token each (the runner puts them first), and the others'
+    # cu_seqlens_q rebased to start at 0: mixed steps send each part to the kernel made for it.
+    num_decodes: int = 0
+    prefill_cu_seqlens_q: torch.Tensor | None = None
 
     @property
     def is_decode_only(self) -> bool:

@@ -1,11 +1,15 @@
 """Attention through kvpilot's Triton kernels: the default backend on CUDA.
 
-Each step first writes its new K/V into the paged cache; decode-only batches then take the split-K paged
-decode kernel, and batches holding any prefill chunk take the extend kernel, which also serves their
-decode rows. With no cache (the memory-profiling pass) each sequence attends within its own step tokens.
+Each step first writes its new K/V into the paged cache; decode rows take the split-K paged decode kernel
+(GQA-packed: each K/V row is read once for all the query heads sharing it) and prefill chunks the extend
+kernel. A mixed step sends its leading decode rows to the first and the rest to the second: the extend
+kernel reads K/V once per query head, four times the traffic for Llama's 32/8 heads. With no cache (the
+memory-profiling pass) each sequence attends within its own step tokens.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from kvpilot.engine.attention.backend import AttentionBackend, AttentionMetadata
@@ -18,8 +22,13 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None) -> None:
-        """decode_num_splits pins the split-K factor (e.g. under CUDA graphs); None picks it per step."""
+        """decode_num_splits pins the split-K factor (e.g. under CUDA graphs); None picks it per step.
+
+        `split_for` maps a decode batch to the factor a captured graph of that size uses: mixed steps then
+        launch only kernel variants compiled before ready, never a new one under load.
+        """
         self.decode_num_splits = decode_num_splits
+        self.split_for: Callable[[int], int] | None = None
 
     def forward(
         self,
@@ -45,6 +54,18 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits=self.decode_num_splits,
                 max_seq_len=meta.max_seq_len,
             )
-        return extend_attention(
-            q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, meta.max_query_len, scale
-        )
+        nd = meta.num_decodes
+        if nd == 0 or meta.prefill_cu_seqlens_q is None:
+            return extend_attention(
+                q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, meta.max_query_len, scale
+            )
+        out = torch.empty_like(q)
+        out[:nd] = paged_decode_attention(
+            q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+            num_splits=self.split_for(nd) if self.split_for is not None else None, max_seq_len=meta.max_seq_len,
+        )  # fmt: skip
+        out[nd:] = extend_attention(
+            q[nd:], k_cache, v_cache, meta.prefill_cu_seqlens_q, meta.seq_lens[nd:], meta.block_tables[nd:],
+            meta.max_query_len, scale,
+        )  # fmt: skip
+        return out
