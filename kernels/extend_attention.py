@@ -63,7 +63,8 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The block-table width changes with every batch: specialising on it would compile variants under load.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, seq_lens_ptr, block_tables_ptr,
     qk_scale,

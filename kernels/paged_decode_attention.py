@@ -18,7 +18,8 @@ from kvpilot.kernels._common import check_paged_inputs, dot_upcast, mma
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The block-table width changes with every batch: specialising on it would compile variants under load.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
