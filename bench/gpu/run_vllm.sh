@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The fourth of four device calls (../shared/peers/README.md): install vLLM 0.26.0 from the parts the first
+# three left in /tmp/peer, then run the same side-by-side workloads against it. Carry .peer/p3 and .whl.
+set -uo pipefail
+mkdir -p /tmp/peer/p3 && cp .peer/p3/* /tmp/peer/p3/ && (cd /tmp/peer && cp p3/SHA256SUMS . && sha256sum -c --quiet SHA256SUMS \
+  && cat p0/part-* p1/part-* p2/part-* p3/part-* | tar -xf - \
+  && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite wheels/*.whl) || { echo "vllm install failed"; exit 1; }
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "kvpilot install failed"; exit 1; }
+export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    offline) PYTHONPATH=/tmp/vsite timeout -k 5 330 python3 -m bench.side_by_side offline --engine vllm 2>&1 \
+               | grep -v -i "warn\|INFO" | tail -12 ;;
+    serve) PYTHONPATH=/tmp/site timeout -k 5 360 python3 -m bench.side_by_side serve --engine vllm \
+             --rates ${RATES:-8,16,32,48} --ready-timeout 200 2>&1 | tail -10 ;;
+  esac
+done
+cp bench/results/side-by-side-*-vllm.json "$OUT"/ 2>/dev/null; ls "$OUT"
