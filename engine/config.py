@@ -70,6 +70,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 4096
 MAX_LOGIT_BIAS = 1024
+GREEDY_BELOW = 1e-5
 
 
 class SamplingParams(BaseModel):
@@ -120,7 +121,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 sample as argmax (as vLLM does): dividing by them overflows to inf/NaN."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_history(self) -> bool:

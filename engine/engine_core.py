@@ -205,6 +205,8 @@ class EngineCore:
                 failed.append(self._fail(request, exc))
             return None
         for seq, n in scheduled:
+            if seq.finished:  # its request failed in this step's sampling: its blocks are already free
+                continue
             seq.num_computed_tokens += n
             self.kv.cache_full_blocks(seq)  # later steps run after this one on the stream: sharing is safe
         if samples is None:

@@ -114,7 +114,9 @@ def test_a_failing_request_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
 
         monkeypatch.setattr(core, "sampler", sampler)
         ok = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True}
-        bad = {"model": "demo", "prompt": [5, 6, 401], "max_tokens": 6, "ignore_eos": True}
+        # Longer than a KV block: the failed request's freed blocks must not be named afterwards (that once
+        # killed the engine core with an IndexError).
+        bad = {"model": "demo", "prompt": [*range(5, 45), 401], "max_tokens": 6, "ignore_eos": True}
 
         async def together() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=own.url, timeout=30) as client:
@@ -147,3 +149,14 @@ def test_device_fault_makes_the_pod_unready_without_leaking_internals(monkeypatc
         assert health.status_code == 503 and health.json() == {"status": "dead", "detail": "engine failed"}
         assert "deadbeef" not in r.text
         assert httpx.get(f"{own.url}/ready", timeout=10).status_code == 503
+
+
+def test_a_vanishing_temperature_samples_greedily(server: RunningServer) -> None:
+    """temperature 5e-324 is a valid OpenAI value: dividing logits by it gave inf/NaN probabilities, which failed
+    the request (and, with its row freed mid-step, once took the engine core down: found by the fuzz test)."""
+    body = {"model": "demo", "prompt": "hello", "max_tokens": 6, "ignore_eos": True}
+    tiny = httpx.post(f"{server.url}/v1/completions", json={**body, "temperature": 5e-324}, timeout=30)
+    greedy = httpx.post(f"{server.url}/v1/completions", json={**body, "temperature": 0}, timeout=30)
+    assert tiny.status_code == greedy.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    still_serving(server)
