@@ -10,8 +10,8 @@ import sys
 import httpx
 import pytest
 from kvpilot.engine.config import EngineConfig, SamplingParams
-from kvpilot.engine.messages import EngineStats
 from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestRejected
+from kvpilot.engine.messages import EngineStats
 from kvpilot.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvpilot.engine.server import errors
 from kvpilot.engine.server.metrics import ServerMetrics
