@@ -103,6 +103,7 @@ class KubernetesSource:
         self._pods: dict[str, PodView] = {}
         self._published: frozenset[Backend] | None = None
         self._stopped = threading.Event()
+        self._watches: list[watch.Watch] = []  # open ones, so that stopping closes their connections at once
 
     @classmethod
     def from_config(cls, cfg: RouterConfig) -> KubernetesSource:
@@ -139,6 +140,8 @@ class KubernetesSource:
             await asyncio.Event().wait()
         finally:
             self._stopped.set()
+            for w in list(self._watches):
+                w.stop()
 
     # ---- state, on the event loop ------------------------------------------------------------
     def _on_service(self, kind: str, service: Any) -> None:
@@ -198,13 +201,16 @@ class KubernetesSource:
                     listed = list_fn(self.namespace, **kwargs)
                     items, version = listed.items, listed.metadata.resource_version
                     post(lambda items=items: on_list(items))
-                for event in watch.Watch().stream(list_fn, self.namespace, resource_version=version,
-                                                  _request_timeout=(5, _READ_TIMEOUT_S), **kwargs):
-                    if self._stopped.is_set():
-                        return
-                    obj = event["object"]
-                    version = obj.metadata.resource_version or version
-                    post(lambda kind=event["type"], obj=obj: on_event(kind, obj))
+                w = watch.Watch()
+                self._watches.append(w)
+                try:
+                    for event in w.stream(list_fn, self.namespace, resource_version=version,
+                                          _request_timeout=(5, _READ_TIMEOUT_S), **kwargs):
+                        obj = event["object"]
+                        version = obj.metadata.resource_version or version
+                        post(lambda kind=event["type"], obj=obj: on_event(kind, obj))
+                finally:
+                    self._watches.remove(w)
                 backoff = 0.5
             except ApiException as exc:
                 if exc.status == 410:
