@@ -54,8 +54,9 @@ def parse_engine_metrics(text: str) -> EngineLoad:
 @dataclass(eq=False)
 class BackendState:
     backend: Backend
-    in_flight: int = 0  # this router's requests on it now
+    in_flight: int = 0  # this router's requests on it now (exact)
     load: EngineLoad | None = None  # the last /metrics read
+    others: int = 0  # requests on it that are not this router's, as of that read (other routers' traffic)
     ready: bool = True  # the last /ready answer (optimistic until the first)
     down_until: float = 0.0  # it refused connections: skip it until its next good health check or then
     refused_until: float = 0.0  # it answered 429/503: full or draining, until its Retry-After
@@ -79,9 +80,14 @@ class BackendState:
             load.waiting > 0 and load.kv_usage >= config.max_kv_usage
         )
 
+    def observe(self, load: EngineLoad) -> None:
+        """A fresh /metrics read. Its count of this router's own requests is stale the moment it is read (they
+        start and finish between reads), so only the rest is kept, beside the exact `in_flight`."""
+        self.load = load
+        self.others = max(0, int(load.running + load.waiting) - self.in_flight)
+
     def current_load(self) -> int:
-        engine = 0 if self.load is None else int(self.load.running + self.load.waiting)
-        return max(self.in_flight, engine)
+        return self.in_flight + self.others
 
     def candidate(self, config: RouterConfig, now: float, match: Match) -> Candidate:
         return Candidate(self.name, self.current_load(), self.overloaded(config, now), match)

@@ -38,6 +38,8 @@ class RouterConfig(BaseModel):
     load_factor: float = Field(
         default=1.25, ge=1.0, le=10.0,
         description="an engine takes affinity traffic while its load stays within this factor of the mean")
+    load_slack: int = Field(default=4, ge=0, description="requests an engine may have beyond that bound and still "
+                            "take affinity traffic")
     max_waiting_per_engine: int = Field(
         default=8, ge=1, description="an engine with this many requests waiting (by its /metrics) is overloaded")
     max_kv_usage: float = Field(default=0.98, gt=0.0, le=1.0,

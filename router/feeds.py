@@ -78,9 +78,11 @@ class EngineFeeds:
                 async with self._session.get(f"{url}/ready", timeout=_HEALTH_TIMEOUT) as r:
                     ready = r.status == 200
                 async with self._session.get(f"{url}/metrics", timeout=_HEALTH_TIMEOUT) as r:
-                    load = parse_engine_metrics(await r.text()) if r.status == 200 else self.state.load
-                self._count_hits(load)
-                self.state.ready, self.state.load, self.state.down_until = ready, load, 0.0
+                    load = parse_engine_metrics(await r.text()) if r.status == 200 else None
+                if load is not None:
+                    self._count_hits(load)
+                    self.state.observe(load)
+                self.state.ready, self.state.down_until = ready, 0.0
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 if self.state.ready:
                     log.info("engine %s unreachable: %s", self.state.name, exc)
@@ -90,10 +92,8 @@ class EngineFeeds:
             self._on_change()  # new load figures may give a queued request room
             await asyncio.sleep(self._config.scrape_interval_s)
 
-    def _count_hits(self, load: EngineLoad | None) -> None:
+    def _count_hits(self, load: EngineLoad) -> None:
         """Add the engine's new prefix cache hits and lookups since the last read (a restart starts over)."""
-        if load is None:
-            return
         before = self._counted
         self._counted = load
         if before is None:

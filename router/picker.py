@@ -2,7 +2,10 @@
 
 1. Only engines with room: never an overloaded one while another has room; none at all means wait.
 2. Of those, only engines within the load bound of consistent hashing with bounded loads (Mirrokni et
-   al.): load + 1 <= ceil(load_factor * (total load + 1) / engines). The least loaded always qualifies.
+   al.), plus an absolute slack: load + 1 <= ceil(load_factor * (total load + 1) / engines) + load_slack.
+   The least loaded always qualifies. The slack is there because at low load the relative bound alone
+   moves requests off the engine holding their prefix over a difference of one request, and recomputing
+   a long prefix costs far more than that (SGLang's router has the same absolute threshold).
 3. Of those, the one holding the request's longest cached prefix (`prefix`: by the engines' own
    events; `recent`: counting prefixes this router has just sent), least loaded on ties.
 4. No engine holds any of it: rendezvous hashing of the request's leading blocks (`hash`), so requests
@@ -41,15 +44,16 @@ class Pick:
     cached_blocks: int  # the prefix the engine is predicted to serve from cache
 
 
-def load_bound(total_load: int, engines: int, load_factor: float) -> int:
-    return math.ceil(load_factor * (total_load + 1) / engines)
+def load_bound(total_load: int, engines: int, load_factor: float, load_slack: int = 0) -> int:
+    return math.ceil(load_factor * (total_load + 1) / engines) + load_slack
 
 
-def pick(candidates: Sequence[Candidate], hash_key: int | None, load_factor: float) -> Pick | None:
+def pick(candidates: Sequence[Candidate], hash_key: int | None, load_factor: float,
+         load_slack: int = 0) -> Pick | None:
     room = [c for c in candidates if not c.overloaded]
     if not room:
         return None
-    bound = load_bound(sum(c.load for c in room), len(room), load_factor)
+    bound = load_bound(sum(c.load for c in room), len(room), load_factor, load_slack)
     within = [c for c in room if c.load + 1 <= bound]
     best = max(within, key=lambda c: (c.match.recent, -c.load, c.name))
     if best.match.recent > 0:

@@ -110,7 +110,7 @@ class BackendPool:
             matches.update(self.index.match(key.block_hashes(size), [s.name for s in group], now))
         candidates = [s.candidate(config, now, matches[s.name]) for s in states]
         hash_key = key.hash_key(config.block_size, config.hash_prefix_blocks, config.hash_prefix_chars)
-        chosen = pick(candidates, hash_key, config.load_factor)
+        chosen = pick(candidates, hash_key, config.load_factor, config.load_slack)
         if chosen is None:
             return None
         state = next(s for s in states if s.name == chosen.name)

@@ -37,6 +37,16 @@ def test_affinity_gives_way_past_the_load_bound() -> None:
     assert roomier is not None and roomier.name == "a", "a larger factor keeps more affinity"
 
 
+def test_slack_keeps_affinity_over_a_small_absolute_difference() -> None:
+    engines = [c("a", 2, cached=60), c("b", 0), c("c", 0)]  # bound ceil(1.25 * 3 / 3) = 2: a is at it
+    tight = pick(engines, hash_key=7, load_factor=1.25, load_slack=0)
+    assert tight is not None and tight.name != "a"
+    slack = pick(engines, hash_key=7, load_factor=1.25, load_slack=4)
+    assert slack is not None and (slack.name, slack.reason) == ("a", "prefix")
+    far = pick([c("a", 12, cached=60), c("b", 0), c("c", 0)], hash_key=7, load_factor=1.25, load_slack=4)
+    assert far is not None and far.name != "a"
+
+
 def test_without_any_cached_prefix_consistent_hashing_keeps_keys_together() -> None:
     engines = [c(n) for n in "abcd"]
     owners = {key: pick(engines, key, 1.25) for key in range(200)}
@@ -66,11 +76,11 @@ def test_overloaded_engines_are_never_picked_and_none_left_means_wait() -> None:
 
 @given(st.lists(st.tuples(st.integers(0, 50), st.booleans(), st.integers(0, 20), st.integers(0, 20)),
                 min_size=1, max_size=8),
-       st.one_of(st.none(), st.integers(0, 2**64 - 1)), st.floats(1.0, 4.0))
-def test_properties(specs: list[tuple[int, bool, int, int]], key: int | None, factor: float) -> None:
+       st.one_of(st.none(), st.integers(0, 2**64 - 1)), st.floats(1.0, 4.0), st.integers(0, 8))
+def test_properties(specs: list[tuple[int, bool, int, int]], key: int | None, factor: float, slack: int) -> None:
     candidates = [Candidate(f"e{i}", load, over, Match(cached, max(cached, recent)))
                   for i, (load, over, cached, recent) in enumerate(specs)]
-    chosen = pick(candidates, key, factor)
+    chosen = pick(candidates, key, factor, slack)
     room = [x for x in candidates if not x.overloaded]
     if not room:
         assert chosen is None
@@ -78,6 +88,7 @@ def test_properties(specs: list[tuple[int, bool, int, int]], key: int | None, fa
     assert chosen is not None
     picked = next(x for x in candidates if x.name == chosen.name)
     assert not picked.overloaded, "never an overloaded engine while another has room"
-    assert picked.load + 1 <= load_bound(sum(x.load for x in room), len(room), factor), "within the load bound"
-    within = [x for x in room if x.load + 1 <= load_bound(sum(y.load for y in room), len(room), factor)]
+    bound = load_bound(sum(x.load for x in room), len(room), factor, slack)
+    assert picked.load + 1 <= bound, "within the load bound"
+    within = [x for x in room if x.load + 1 <= bound]
     assert picked.match.recent == max(x.match.recent for x in within), "the longest prefix available in bound"
