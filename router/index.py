@@ -9,7 +9,7 @@ names once, intersecting masks, however many engines there are.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -19,19 +19,22 @@ class Match:
     recent: int  # leading blocks held, counting those this router sent it lately
 
 
-def _leading_runs(masks: list[int], bits: dict[str, int]) -> dict[str, int]:
-    """For each engine, over how many leading masks its bit is set without a gap."""
+def _leading_runs(masks: Iterator[int], bits: dict[str, int]) -> dict[str, int]:
+    """For each engine, over how many leading masks its bit is set without a gap (reading no further than
+    the last engine still running)."""
     runs: dict[str, int] = {}
     alive = sum(1 << b for b in bits.values())
-    for i, mask in enumerate(masks):
+    count = 0
+    for mask in masks:
         still = alive & mask
         dropped = alive & ~still
         if dropped:
-            runs.update({name: i for name, bit in bits.items() if dropped >> bit & 1})
+            runs.update({name: count for name, bit in bits.items() if dropped >> bit & 1})
         alive = still
         if not alive:
             return runs
-    runs.update({name: len(masks) for name, bit in bits.items() if alive >> bit & 1})
+        count += 1
+    runs.update({name: count for name, bit in bits.items() if alive >> bit & 1})
     return runs
 
 
@@ -109,16 +112,23 @@ class PrefixIndex:
             else:
                 del self._recent[h]
 
-    def _recent_mask(self, h: int, now: float) -> int:
-        return sum(1 << bit for bit, expiry in self._recent.get(h, {}).items() if expiry > now)
-
     def match(self, hashes: list[int], engines: Iterable[str], now: float) -> dict[str, Match]:
         """Each engine's longest cached prefix of `hashes`: reported, and counting recent routes."""
         bits = {name: self._bit(name) for name in engines}
-        confirmed_masks = [self._holders.get(h, 0) for h in hashes]
-        confirmed = _leading_runs(confirmed_masks, bits)
-        recent: dict[str, int] = {}
-        if self._recent:
-            recent = _leading_runs([m | self._recent_mask(h, now) for h, m in zip(hashes, confirmed_masks,
-                                                                                    strict=True)], bits)
-        return {n: Match(confirmed.get(n, 0), max(recent.get(n, 0), confirmed.get(n, 0))) for n in bits}
+        holders, recent = self._holders, self._recent
+
+        def reported() -> Iterator[int]:
+            for h in hashes:
+                yield holders.get(h, 0)
+
+        def with_recent() -> Iterator[int]:
+            for h in hashes:
+                mask = holders.get(h, 0)
+                for bit, expiry in recent.get(h, {}).items():
+                    if expiry > now:
+                        mask |= 1 << bit
+                yield mask
+
+        confirmed = _leading_runs(reported(), bits)
+        counted = _leading_runs(with_recent(), bits) if recent else confirmed
+        return {n: Match(confirmed.get(n, 0), max(counted.get(n, 0), confirmed.get(n, 0))) for n in bits}

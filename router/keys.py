@@ -57,7 +57,7 @@ def _first_prompt(prompt: Any) -> str | list[int] | None:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt[0], int):  # token ids; hashing rejects a list that is not all ids
             return prompt
         return _first_prompt(prompt[0]) if isinstance(prompt[0], str | list) else None
     return None

@@ -64,7 +64,8 @@ def test_hash_key_is_the_leading_blocks_name() -> None:
 
 
 @pytest.mark.parametrize("body", [None, [], "text", {"prompt": 5}, {"prompt": []}, {"messages": "no"},
-                                  {"messages": [{"role": "alien", "content": "x"}]}, {"prompt": [-1] * 40}])
+                                  {"messages": [{"role": "alien", "content": "x"}]}, {"prompt": [-1] * 40},
+                                  {"prompt": [1] * 20 + ["x"] * 20}])
 def test_bodies_the_router_cannot_read_get_no_key(body: object) -> None:
     path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
     key = route_key(path, body, None)
