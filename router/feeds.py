@@ -27,7 +27,7 @@ from kvpilot.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
-_HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+_HEALTH_TIMEOUT_S = 5.0
 _UNAVAILABLE_RETRY_S = 30.0  # how soon to ask again an engine that publishes no events
 _BACKOFF_MAX_S = 5.0
 
@@ -73,22 +73,24 @@ class EngineFeeds:
     # ---- health and load ---------------------------------------------------------------------
     async def _health(self) -> None:
         url = self.state.backend.url
+        timeout = aiohttp.ClientTimeout(total=_HEALTH_TIMEOUT_S, sock_connect=self._config.connect_timeout_s)
         while True:
             try:
-                async with self._session.get(f"{url}/ready", timeout=_HEALTH_TIMEOUT) as r:
+                async with self._session.get(f"{url}/ready", timeout=timeout) as r:
                     ready = r.status == 200
-                async with self._session.get(f"{url}/metrics", timeout=_HEALTH_TIMEOUT) as r:
+                async with self._session.get(f"{url}/metrics", timeout=timeout) as r:
                     load = parse_engine_metrics(await r.text()) if r.status == 200 else None
                 if load is not None:
                     self._count_hits(load)
                     self.state.observe(load)
                 self.state.ready, self.state.down_until = ready, 0.0
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientPayloadError) as exc:
                 if self.state.ready:
                     log.info("engine %s unreachable: %s", self.state.name, exc)
                 self.state.ready = False
-            except TimeoutError:
-                pass  # busy, not gone
+            except (TimeoutError, aiohttp.ClientError):
+                pass  # slow to answer: busy, not gone
             self._on_change()  # new load figures may give a queued request room
             await asyncio.sleep(self._config.scrape_interval_s)
 

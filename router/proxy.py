@@ -63,6 +63,12 @@ class _Retry(Exception):
         self.answer = answer
 
 
+def _timeout(ctx: RouterContext, state: BackendState) -> RouterError:
+    """A silent engine: not retried, since the work may still be running there."""
+    return RouterError(504, f"engine {state.name} sent nothing for {ctx.config.upstream_timeout_s:g} s",
+                       type="timeout_error", code="upstream_timeout")
+
+
 def _forward_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP)
 
@@ -138,8 +144,7 @@ async def _open(ctx: RouterContext, request: web.Request, state: BackendState, b
         raise _Retry("connect") from exc
     except aiohttp.SocketTimeoutError as exc:
         ctx.metrics.upstream_errors.labels("timeout").inc()
-        raise RouterError(504, f"engine {state.name} sent nothing for {ctx.config.upstream_timeout_s:g} s",
-                          type="timeout_error", code="upstream_timeout") from exc
+        raise _timeout(ctx, state) from exc
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
         ctx.metrics.upstream_errors.labels("disconnected").inc()
         raise _Retry("disconnected") from exc
@@ -171,7 +176,10 @@ async def _exchange(ctx: RouterContext, request: web.Request, choice: Choice, bo
                 return await _relay_events(ctx, request, upstream, choice, arrival)
             try:
                 data = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except TimeoutError as exc:
+                ctx.metrics.upstream_errors.labels("timeout").inc()
+                raise _timeout(ctx, state) from exc
+            except aiohttp.ClientError as exc:
                 ctx.metrics.upstream_errors.labels("disconnected").inc()
                 raise _Retry("disconnected") from exc
             ctx.metrics.first_byte.observe(time.monotonic() - arrival)
@@ -198,6 +206,9 @@ async def _relay_events(ctx: RouterContext, request: web.Request, upstream: aioh
     pending = b""
     while (cut := pending.rfind(b"\n\n")) < 0:  # commit only once a whole first event is here
         chunk = await _read(upstream)
+        if isinstance(chunk, TimeoutError):
+            ctx.metrics.upstream_errors.labels("timeout").inc()
+            raise _timeout(ctx, choice.state)
         if isinstance(chunk, BaseException) or not chunk:
             ctx.metrics.upstream_errors.labels("disconnected").inc()
             raise _Retry("disconnected")

@@ -170,3 +170,12 @@ async def test_client_leaving_mid_stream_closes_the_engine_side(client: httpx.As
                 if line.startswith("data: "):
                     break
         await eventually(lambda: r.ctx.pool.states[0].in_flight == 0)
+
+
+async def test_a_silent_engine_gets_504_and_no_retry(client: httpx.AsyncClient) -> None:
+    async with stubs(2, behaviour="hang") as engines, router(engines, upstream_timeout_s=0.3) as r:
+        for stream in (False, True):
+            answer = await client.post(f"{r.url}/v1/completions", json={**BODY, "stream": stream})
+            assert answer.status_code == 504 and answer.json()["error"]["code"] == "upstream_timeout"
+        assert sum(_served(engines)) == 2, "one engine per request: the work may still be running there"
+        assert r.metric("kvpilot:router_upstream_errors_total", kind="timeout") == 2
