@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 from kvpilot.engine.block_hash import chain_hash, prefix_block_hashes
+from kvpilot.engine.kv_events import KVEventLog
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,7 +47,7 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
 
 
 async def _serve_stub(port: int) -> None:
-    stub = StubEngine(port=port, record=False, kv_blocks=[], events=5)
+    stub = StubEngine(port=port, record=False, kv=KVEventLog(), events=5)
     await stub.start()
     await asyncio.Event().wait()
 

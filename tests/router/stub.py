@@ -3,8 +3,9 @@
 `behaviour` decides each generation request's fate: "ok" (a JSON answer, or `events` SSE chunks then
 [DONE]), a status code to answer with (429 and 503 carry Retry-After), "cut_before" (the connection
 closes before any answer), "cut_head" (an answer's headers, then the connection closes), "cut_after" (a stream
-cut after `events` chunks), or "hang". It serves /ready, /metrics (with settable load) and, when
-`kv_blocks` is not None, /kv/events (one snapshot: those blocks). With `record`, every request is kept.
+cut after `events` chunks), or "hang". It serves /ready, /metrics (with settable load) and, when `kv`
+holds the engine's own event log, /kv/events over it (the test stores and evicts; a new log is a restart).
+With `record`, every request is kept.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from kvpilot.engine.block_hash import HASH_SCHEME
+from kvpilot.engine.kv_events import KVEventLog
 
 
 def free_port() -> int:
@@ -32,7 +35,7 @@ class StubEngine:
     ready: bool = True
     running: int = 0
     waiting: int = 0
-    kv_blocks: list[int] | None = None
+    kv: KVEventLog | None = None
     block_size: int = 16
     record: bool = True
     received: list[dict[str, Any]] = field(default_factory=list)
@@ -121,13 +124,15 @@ class StubEngine:
         return web.Response(text=text)
 
     async def _kv_events(self, request: web.Request) -> web.Response:
-        if self.kv_blocks is None:
+        """As engine/server/kv_events.py answers, over the test's log."""
+        log = self.kv
+        if log is None:
             raise web.HTTPNotFound()
-        if request.query.get("epoch") == "stub":
-            await asyncio.sleep(min(float(request.query.get("wait_s", "0")), 1.0))
-            return web.json_response({"epoch": "stub", "seq": 1, "reset": False, "blocks": [], "events": [],
-                                      "block_size": self.block_size, "hash_scheme": "blake2b-64/u32le-v1",
-                                      "prefix_caching": True})
-        return web.json_response({"epoch": "stub", "seq": 1, "reset": True, "blocks": self.kv_blocks, "events": [],
-                                  "block_size": self.block_size, "hash_scheme": "blake2b-64/u32le-v1",
-                                  "prefix_caching": True})
+        epoch, seq = request.query.get("epoch"), int(request.query.get("seq", "0"))
+        wait_s = float(request.query.get("wait_s", "0"))
+        if wait_s:
+            await log.wait(epoch, seq, wait_s)
+        batch = log.read(epoch, seq, 10_000)
+        return web.json_response({"epoch": batch.epoch, "seq": batch.seq, "reset": batch.snapshot is not None,
+                                  "blocks": batch.snapshot or [], "events": batch.events,
+                                  "block_size": self.block_size, "hash_scheme": HASH_SCHEME, "prefix_caching": True})
