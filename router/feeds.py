@@ -13,7 +13,6 @@ consistent hashing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -63,12 +62,11 @@ class EngineFeeds:
         self._tasks = [asyncio.create_task(self._health(), name=f"health-{name}"),
                        asyncio.create_task(self._events(), name=f"events-{name}")]
 
-    async def stop(self) -> None:
+    def stop(self) -> list[asyncio.Task[None]]:
+        """Cancel both loops now (neither touches the index again) and return them to be awaited."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        return self._tasks
 
     # ---- health and load ---------------------------------------------------------------------
     async def _health(self) -> None:

@@ -70,9 +70,9 @@ class BackendPool:
     def _drop(self, name: str) -> None:
         feeds = self._feeds.pop(name, None)
         if feeds is not None:
-            task = asyncio.get_running_loop().create_task(feeds.stop())
-            self._stopping.add(task)
-            task.add_done_callback(self._stopping.discard)
+            for task in feeds.stop():
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
         self.index.remove(name)
 
     async def close(self) -> None:
