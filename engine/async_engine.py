@@ -25,6 +25,7 @@ from kvpilot.engine.core_client import CoreClient, start_core
 from kvpilot.engine.core_loop import ABORT, ADD, DEAD, FINISH, OUTPUTS, ChannelClosed
 from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestRejected
 from kvpilot.engine.input_processor import InputProcessor
+from kvpilot.engine.kv_events import KVEventLog
 from kvpilot.engine.messages import CoreOutputs, EngineRequest, EngineStats
 from kvpilot.engine.model_info import eos_token_ids, load_tokenizer, resolve
 from kvpilot.engine.output_processor import OutputProcessor
@@ -79,6 +80,7 @@ class AsyncEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         total = self.client.info.num_kv_blocks
         self._stats = EngineStats(num_free_blocks=total, num_total_blocks=total)
+        self.kv_events = KVEventLog()  # the prefix blocks the core holds, for GET /kv/events
         self._streams: dict[str, RequestStream] = {}
         self._sent = self._received = 0  # "add" messages sent, and taken by the core
         self._processing = 0  # requests in input processing, not yet sent
@@ -187,6 +189,7 @@ class AsyncEngine:
     def _on_outputs(self, batch: CoreOutputs) -> None:
         self._stats = batch.stats
         self._received = batch.requests_received
+        self.kv_events.extend(batch.block_events)
         outputs, stopped = self.outputs.process(batch)
         if stopped:
             self._outbox.put((FINISH, stopped))

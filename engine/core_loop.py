@@ -18,6 +18,7 @@ from typing import Any
 
 from kvpilot.engine.engine_core import EngineCore
 from kvpilot.engine.errors import RequestRejected
+from kvpilot.engine.kv_events import BlockEventBuffer
 from kvpilot.engine.messages import CoreOutput, CoreOutputs, EngineRequest
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class QueueChannel:
 def serve_core(core: EngineCore, inbox: PipeChannel | QueueChannel, outbox: PipeChannel | QueueChannel) -> None:
     """Run until told to shut down or the front goes away; an engine fault is reported, then re-raised."""
     received = 0
+    block_events = BlockEventBuffer()
+    core.kv.listener = block_events
     try:
         while True:
             outputs: list[CoreOutput] = []
@@ -107,7 +110,7 @@ def serve_core(core: EngineCore, inbox: PipeChannel | QueueChannel, outbox: Pipe
                 acted = True
             if acted:
                 stats = core.stats()
-                batch = CoreOutputs(outputs, stats, time.monotonic(), received)
+                batch = CoreOutputs(outputs, stats, time.monotonic(), received, block_events.drain())
                 outbox.send((OUTPUTS, batch.to_wire()))
     except ChannelClosed:
         log.info("the front is gone: the engine core stops")

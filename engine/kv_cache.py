@@ -3,13 +3,17 @@
 A full block is named by a chained hash of its tokens (its parent's hash and its own token ids) and
 keeps its token ids, so a hit is exact even if two hashes collide. Cached blocks that nobody
 references stay in the free list and are evicted least-recently-freed first, only when needed.
+A `BlockListener` hears each block named (stored) and each named block reused (evicted): how routers
+learn which prefixes this engine holds (kv_events.py, server/kv_events.py).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
+from kvpilot.engine.block_hash import chain_hash
 from kvpilot.engine.request import Sequence
 
 
@@ -21,8 +25,12 @@ class Block:
     token_ids: tuple[int, ...] | None = None
 
 
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
+class BlockListener(Protocol):
+    """Called on the engine's step thread, once per block and in order; must be quick and never raise."""
+
+    def stored(self, block_hash: int) -> None: ...
+
+    def evicted(self, block_hash: int) -> None: ...
 
 
 class KVCacheManager:
@@ -35,6 +43,7 @@ class KVCacheManager:
         self.cached: dict[int, int] = {}
         self.prefix_queries = 0  # prompt tokens looked up, as vLLM counts them
         self.prefix_hits = 0  # of those, tokens found in the cache
+        self.listener: BlockListener | None = None
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -89,6 +98,8 @@ class KVCacheManager:
                 continue
             block.block_hash, block.token_ids = block_hash, self._block_tokens(seq, index)
             self.cached[block_hash] = block.block_id
+            if self.listener is not None:
+                self.listener.stored(block_hash)
         seq.num_cached_blocks = max(seq.num_cached_blocks, full)
 
     # ---- allocation -------------------------------------------------------------------------
@@ -103,6 +114,8 @@ class KVCacheManager:
         block = self.blocks[block_id]
         if block.block_hash is not None:  # evict from the prefix cache
             del self.cached[block.block_hash]
+            if self.listener is not None:
+                self.listener.evicted(block.block_hash)
             block.block_hash, block.token_ids = None, None
         block.ref_count = 1
         return block_id

@@ -92,13 +92,15 @@ class CoreOutputs:
     stats: EngineStats = field(default_factory=EngineStats)
     timestamp: float = 0.0
     requests_received: int = 0  # "add" messages the core has taken so far: the rest are still in the pipe
+    block_events: list[tuple[str, int]] = field(default_factory=list)  # ("stored" | "evicted", name), in order
 
     def to_wire(self) -> tuple[Any, ...]:
-        return ([o.to_wire() for o in self.outputs], self.stats.to_wire(), self.timestamp, self.requests_received)
+        return ([o.to_wire() for o in self.outputs], self.stats.to_wire(), self.timestamp, self.requests_received,
+                self.block_events)
 
     @classmethod
     def from_wire(cls, t: tuple[Any, ...]) -> CoreOutputs:
-        return cls([CoreOutput.from_wire(o) for o in t[0]], EngineStats(*t[1]), t[2], t[3])
+        return cls([CoreOutput.from_wire(o) for o in t[0]], EngineStats(*t[1]), t[2], t[3], t[4])
 
 
 @dataclass(frozen=True, slots=True)

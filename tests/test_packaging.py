@@ -22,7 +22,7 @@ def test_operator_folder_never_shadows_the_standard_library() -> None:
 
 
 def test_subpackages_map_to_top_level_folders() -> None:
-    for name, folder in [("engine", "engine"), ("kernels", "kernels"), ("tuner", "tuner")]:
+    for name, folder in [("engine", "engine"), ("kernels", "kernels"), ("tuner", "tuner"), ("router", "router")]:
         module = importlib.import_module(f"kvpilot.{name}")
         assert Path(module.__file__).resolve().parent == ROOT / folder
 
@@ -37,6 +37,7 @@ def test_every_python_folder_is_packaged() -> None:
         "kernels": "kvpilot.kernels",
         "operator": "kvpilot.operator",
         "tuner": "kvpilot.tuner",
+        "router": "kvpilot.router",
     }
     for top, package in mapping.items():
         for init in (ROOT / top).rglob("__init__.py"):

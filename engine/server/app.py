@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from kvpilot.engine.async_engine import AsyncEngine
 from kvpilot.engine.config import SamplingParams
-from kvpilot.engine.server import errors
+from kvpilot.engine.server import errors, kv_events
 from kvpilot.engine.server.chat import create_chat_completion
 from kvpilot.engine.server.completions import create_completion
 from kvpilot.engine.server.errors import APIError, ErrorResponse
@@ -107,6 +107,7 @@ def build_app(engine: AsyncEngine, options: ServerOptions | None = None) -> Fast
     app.state.ctx = ctx
     app.state.options = options
     errors.install(app)
+    kv_events.mount(app, engine)
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
     if options.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=options.api_key)  # outermost: refuse before reading

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("kvpilot.operator.cli", "run the Kubernetes operator (in cluster or through KUBECONFIG)"),
     "crd": ("kvpilot.operator.cli_crd", "print the InferenceService CRD generated from its models"),
     "tune": ("kvpilot.tuner.cli", "tune the engine's knobs against SLOs on this machine"),
+    "router": ("kvpilot.router.cli", "route OpenAI requests across engines by prefix cache, with retries"),
 }
 
 

@@ -1,0 +1,94 @@
+"""The picker: affinity within the load bound, consistent hashing as the fallback, never an overloaded engine
+while another has room."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given
+from hypothesis import strategies as st
+from kvpilot.router.index import Match
+from kvpilot.router.keys import rendezvous
+from kvpilot.router.picker import Candidate, load_bound, pick
+
+
+def c(name: str, load: int = 0, overloaded: bool = False, cached: int = 0, recent: int | None = None) -> Candidate:
+    return Candidate(name, load, overloaded, Match(cached, cached if recent is None else recent))
+
+
+def test_longest_cached_prefix_wins_within_the_bound() -> None:
+    chosen = pick([c("a", 1, cached=2), c("b", 1, cached=5), c("c", 0)], hash_key=7, load_factor=1.25)
+    assert chosen is not None and (chosen.name, chosen.reason, chosen.cached_blocks) == ("b", "prefix", 5)
+
+
+def test_a_prefix_only_this_router_sent_is_recent() -> None:
+    chosen = pick([c("a", cached=1, recent=4), c("b", cached=3)], hash_key=7, load_factor=1.25)
+    assert chosen is not None and (chosen.name, chosen.reason, chosen.cached_blocks) == ("a", "recent", 4)
+
+
+def test_affinity_gives_way_past_the_load_bound() -> None:
+    # total 6 over 3 engines: bound ceil(1.25 * 7 / 3) = 3, so an engine at 3 cannot take one more.
+    assert load_bound(6, 3, 1.25) == 3
+    chosen = pick([c("a", 3, cached=8), c("b", 2, cached=2), c("c", 1)], hash_key=7, load_factor=1.25)
+    assert chosen is not None and (chosen.name, chosen.reason) == ("b", "prefix")
+    chosen = pick([c("a", 3, cached=8), c("b", 2), c("c", 1)], hash_key=7, load_factor=1.25)
+    assert chosen is not None and chosen.reason == "hash" and chosen.name in ("b", "c")
+    roomier = pick([c("a", 3, cached=8), c("b", 2), c("c", 1)], hash_key=7, load_factor=2.0)
+    assert roomier is not None and roomier.name == "a", "a larger factor keeps more affinity"
+
+
+def test_slack_keeps_affinity_over_a_small_absolute_difference() -> None:
+    engines = [c("a", 2, cached=60), c("b", 0), c("c", 0)]  # bound ceil(1.25 * 3 / 3) = 2: a is at it
+    tight = pick(engines, hash_key=7, load_factor=1.25, load_slack=0)
+    assert tight is not None and tight.name != "a"
+    slack = pick(engines, hash_key=7, load_factor=1.25, load_slack=4)
+    assert slack is not None and (slack.name, slack.reason) == ("a", "prefix")
+    far = pick([c("a", 12, cached=60), c("b", 0), c("c", 0)], hash_key=7, load_factor=1.25, load_slack=4)
+    assert far is not None and far.name != "a"
+
+
+def test_without_any_cached_prefix_consistent_hashing_keeps_keys_together() -> None:
+    engines = [c(n) for n in "abcd"]
+    owners = {key: pick(engines, key, 1.25) for key in range(200)}
+    assert all(p is not None and p.reason == "hash" for p in owners.values())
+    assert all(pick(engines, key, 1.25) == owners[key] for key in range(200)), "the same key, the same engine"
+    spread = Counter(p.name for p in owners.values() if p is not None)
+    assert len(spread) == 4 and min(spread.values()) > 20
+    fewer = [e for e in engines if e.name != "d"]
+    moved = [k for k in range(200) if owners[k] is not None and owners[k].name != "d"
+             and pick(fewer, k, 1.25) != owners[k]]
+    assert not moved, "removing an engine moves only the keys it owned"
+    for key, owner in owners.items():
+        assert owner is not None and owner.name == max("abcd", key=lambda n: rendezvous(key, n))
+
+
+def test_nothing_to_key_goes_to_the_least_loaded() -> None:
+    chosen = pick([c("a", 4), c("b", 1), c("c", 2)], hash_key=None, load_factor=1.25)
+    assert chosen is not None and (chosen.name, chosen.reason) == ("b", "load")
+
+
+def test_overloaded_engines_are_never_picked_and_none_left_means_wait() -> None:
+    chosen = pick([c("a", 0, overloaded=True, cached=9), c("b", 40)], hash_key=7, load_factor=1.25)
+    assert chosen is not None and chosen.name == "b"
+    assert pick([c("a", overloaded=True), c("b", overloaded=True)], 7, 1.25) is None
+    assert pick([], 7, 1.25) is None
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.booleans(), st.integers(0, 20), st.integers(0, 20)),
+                min_size=1, max_size=8),
+       st.one_of(st.none(), st.integers(0, 2**64 - 1)), st.floats(1.0, 4.0), st.integers(0, 8))
+def test_properties(specs: list[tuple[int, bool, int, int]], key: int | None, factor: float, slack: int) -> None:
+    candidates = [Candidate(f"e{i}", load, over, Match(cached, max(cached, recent)))
+                  for i, (load, over, cached, recent) in enumerate(specs)]
+    chosen = pick(candidates, key, factor, slack)
+    room = [x for x in candidates if not x.overloaded]
+    if not room:
+        assert chosen is None
+        return
+    assert chosen is not None
+    picked = next(x for x in candidates if x.name == chosen.name)
+    assert not picked.overloaded, "never an overloaded engine while another has room"
+    bound = load_bound(sum(x.load for x in room), len(room), factor, slack)
+    assert picked.load + 1 <= bound, "within the load bound"
+    within = [x for x in room if x.load + 1 <= bound]
+    assert picked.match.recent == max(x.match.recent for x in within), "the longest prefix available in bound"
