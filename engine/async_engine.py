@@ -53,7 +53,7 @@ class RequestStream:
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
         try:
             while not self.finished:
-                item = await self._queue.get()
+                item = self._latest(await self._queue.get())
                 if isinstance(item, BaseException):
                     self.finished = True
                     raise item
@@ -62,6 +62,17 @@ class RequestStream:
         finally:
             if not self.finished:  # the consumer went away (client disconnect): free the request now
                 await self._engine.abort(self.request_id)
+
+    def _latest(self, item: RequestOutput | BaseException) -> RequestOutput | BaseException:
+        """A consumer that fell behind takes every queued output at once: they are cumulative, so the newest
+        one with the token counts summed says it all, and the client gets one event (one write) for them."""
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+            newer = self._queue.get_nowait()
+            if isinstance(newer, RequestOutput):
+                newer.new_token_counts = [a + b for a, b in zip(item.new_token_counts, newer.new_token_counts,
+                                                                 strict=True)]
+            item = newer
+        return item
 
     async def abort(self) -> None:
         await self._engine.abort(self.request_id)
@@ -177,7 +188,10 @@ class AsyncEngine:
                 if msg is None:
                     continue
                 if msg[0] == OUTPUTS:
-                    loop.call_soon_threadsafe(self._on_outputs, CoreOutputs.from_wire(msg[1]))
+                    try:
+                        loop.call_soon_threadsafe(self._on_outputs, CoreOutputs.from_wire(msg[1]))
+                    except RuntimeError:  # the loop closed at shutdown
+                        return
                 elif msg[0] == DEAD:
                     reason = msg[1]
                     break

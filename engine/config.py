@@ -90,7 +90,8 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    # Logits are divided by it: below 0.01 they overflow to inf (the fuzz test found 5e-324).
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
     stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]] = Field(
         default_factory=list, max_length=MAX_STOP_STRINGS
     )

@@ -74,3 +74,22 @@ async def test_burst_during_a_step_respects_the_bound(engine: AsyncEngine) -> No
     for stream in busy + accepted:
         outs = [out async for out in stream]
         assert outs[-1].finished
+
+
+async def test_a_lagging_consumer_gets_queued_outputs_as_one() -> None:
+    """Outputs are cumulative: a stream whose reader fell behind yields the newest with the token counts
+    summed, so the server writes one SSE event (one send) instead of one per step."""
+    from kvpilot.engine.async_engine import RequestStream
+    from kvpilot.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+    def out(tokens: int, finished: bool = False) -> RequestOutput:
+        return RequestOutput("r", None, [1], [CompletionOutput(0, list(range(tokens)), "x" * tokens)],
+                             RequestMetrics(arrival_time=0.0), finished=finished, new_token_counts=[1])
+
+    stream = RequestStream("r", engine=None)  # type: ignore[arg-type]
+    for n in (1, 2, 3):
+        stream.put(out(n))
+    stream.put(out(4, finished=True))
+    got = [o async for o in stream]
+    assert [len(o.outputs[0].token_ids) for o in got] == [4]
+    assert got[0].finished and got[0].new_token_counts == [4]

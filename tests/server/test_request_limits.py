@@ -39,6 +39,7 @@ def refused(server: RunningServer, body: dict[str, Any], path: str = "/v1/comple
     ({"prompt": "hi", "max_tokens": 4, "logit_bias": {"100000": 5}}, "logit_bias"),
     ({"prompt": [1, 2, 10**6], "max_tokens": 4}, "prompt"),
     ({"prompt": ["a", "b", "c"], "n": 128, "max_tokens": 4}, "n x prompts"),
+    ({"prompt": [[0]], "max_tokens": 3, "repetition_penalty": 5e-324}, "repetition_penalty"),  # logits / 5e-324
 ])
 def test_out_of_range_request_is_400_and_the_engine_lives(server: RunningServer, body: dict[str, Any],
                                                            field: str) -> None:
