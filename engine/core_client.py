@@ -130,6 +130,7 @@ def _core_main(config_json: str, eos_token_ids: tuple[int, ...], req_conn: Any, 
     logging.basicConfig(level=level or logging.INFO, stream=sys.stderr,
                         format="%(asctime)s core %(levelname)s %(name)s: %(message)s")
     inbox, outbox = PipeChannel(req_conn), PipeChannel(out_conn)
+    _leave_a_core_to_the_front()
     try:
         core = EngineCore(resolve(EngineConfig.model_validate_json(config_json)), eos_token_ids)
     except BaseException as exc:
@@ -144,3 +145,14 @@ def _core_main(config_json: str, eos_token_ids: tuple[int, ...], req_conn: Any, 
         core.close()
         os._exit(1)  # a device fault may leave CUDA unable to tear down cleanly
     core.close()
+
+
+def _leave_a_core_to_the_front() -> None:
+    """On CPU, torch's intra-op threads default to every core, and their spinning starves the front process
+    (HTTP, detokenization) beside them. Unless OMP_NUM_THREADS says otherwise (engine pods get it from their
+    CPU request), the core keeps one core free."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if "OMP_NUM_THREADS" not in os.environ and cores > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(cores - 1)
