@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any
 
+from kvpilot.engine.flags import to_flags
+from kvpilot.operator.engine_knobs import knob_args
 from kvpilot.operator.spec import InferenceServiceSpec
 
 PORT = 8000
@@ -30,7 +32,8 @@ QUANTITY_SUFFIXES = {
 
 
 def _revision_inputs(spec: InferenceServiceSpec) -> dict[str, Any]:
-    return spec.model_dump(mode="json", by_alias=True, include={"model", "engine", "resources"})
+    """Unset fields are left out, so a knob added to the engine later does not move existing revisions."""
+    return spec.model_dump(mode="json", by_alias=True, include={"model", "engine", "resources"}, exclude_none=True)
 
 
 def revision_of(spec: InferenceServiceSpec) -> str:
@@ -87,32 +90,11 @@ def _model_source(spec: InferenceServiceSpec) -> tuple[str, list[dict[str, Any]]
 
 
 def engine_args(spec: InferenceServiceSpec, revision: str, model_path: str) -> list[str]:
-    e = spec.engine
-    args = [
-        "--model",
-        model_path,
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(PORT),
-        "--served-model-name",
-        spec.model.name,
-        "--revision",
-        revision,
-        "--gpu-memory-utilization",
-        str(e.gpu_memory_utilization),
-        "--max-num-seqs",
-        str(e.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(e.max_num_batched_tokens),
-        "--tensor-parallel-size",
-        str(e.tensor_parallel_size),
-    ]
-    if e.max_model_len is not None:
-        args += ["--max-model-len", str(e.max_model_len)]
-    args.append("--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching")
-    args += ["--drain-timeout", str(e.drain_timeout_seconds)]
-    return args + list(e.extra_args)
+    """`kvpilot serve` flags, each flag and its value one argument (`--model=-x` stays a value): what the
+    operator sets (ENGINE_ONLY), the knobs set in spec.engine, the server's own, then extraArgs."""
+    own = {"model": model_path, "served_model_name": spec.model.name, "revision": revision}
+    server = ["--host=0.0.0.0", f"--port={PORT}", f"--drain-timeout={spec.engine.drain_timeout_seconds}"]
+    return [*to_flags(own), *knob_args(spec.engine), *server, *spec.engine.extra_args]
 
 
 def _container_resources(spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -199,7 +181,7 @@ def engine_config_map(name: str, namespace: str, spec: InferenceServiceSpec, rev
     config = {
         "revision": revision,
         "model": spec.model.model_dump(mode="json", by_alias=True),
-        "engine": spec.engine.model_dump(mode="json", by_alias=True),
+        "engine": spec.engine.model_dump(mode="json", by_alias=True, exclude_none=True),
         "args": engine_args(spec, revision, _model_source(spec)[0]),
     }
     return {

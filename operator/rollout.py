@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 from typing import Protocol
 
+from kvpilot.operator.engine_knobs import effective_knobs
 from kvpilot.operator.spec import InferenceServiceSpec
 from kvpilot.operator.status import (
     EngineConfigStatus,
@@ -45,15 +46,8 @@ class Checks(Protocol):
 
 
 def engine_config(spec: InferenceServiceSpec) -> EngineConfigStatus:
-    e = spec.engine
-    return EngineConfigStatus(
-        gpu_memory_utilization=e.gpu_memory_utilization,
-        max_num_seqs=e.max_num_seqs,
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        tensor_parallel_size=e.tensor_parallel_size,
-        max_model_len=e.max_model_len,
-        enable_prefix_caching=e.enable_prefix_caching,
-    )
+    """Every knob as the revision runs it: the ones set in spec.engine, the engine's defaults for the rest."""
+    return EngineConfigStatus(**effective_knobs(spec.engine))
 
 
 @dataclasses.dataclass

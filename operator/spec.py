@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from kvpilot.operator.engine_knobs import knobs_model
+from kvpilot.tuner.space import gpu_space
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kvpilot.dev"
@@ -50,14 +52,10 @@ class ModelSpec(CRDModel):
     )
 
 
-class EngineSpec(CRDModel):
+class _EngineSpecBase(CRDModel):
+    """What the operator adds around the engine's knobs (those come from EngineConfig: engine_knobs.py)."""
+
     image: str = Field(default="ghcr.io/kvpilot/kvpilot-engine:0.1.0", min_length=1)
-    gpu_memory_utilization: float = Field(default=0.9, ge=0.05, le=0.99)
-    max_num_seqs: int = Field(default=256, ge=1, le=4096)
-    max_num_batched_tokens: int = Field(default=8192, ge=16, le=1048576)
-    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
-    max_model_len: int | None = Field(default=None, ge=16, description="Default: the model's own.")
-    enable_prefix_caching: bool = True
     drain_timeout_seconds: int = Field(
         default=30, ge=0, le=3600, description="In-flight requests get this long to finish on SIGTERM."
     )
@@ -65,6 +63,12 @@ class EngineSpec(CRDModel):
         default=None, description="Name of a Secret whose `api-key` entry becomes KVPILOT_API_KEY."
     )
     extra_args: list[str] = Field(default_factory=list, description="Appended to `kvpilot serve`.")
+
+
+EngineSpec = knobs_model(
+    "EngineSpec", _EngineSpecBase, "The engine's image and server settings, and every EngineConfig knob (unset: "
+    "the engine's default)."
+)
 
 
 class ResourcesSpec(CRDModel):
@@ -127,13 +131,18 @@ class IntBounds(CRDModel):
     fixed: int | None = Field(default=None, ge=1, description="Pin the knob; the tuner does not search it.")
 
 
-class SearchSpaceSpec(CRDModel):
-    """Overrides of the tuner's default bounds (see the tuner's documentation for the defaults)."""
+def _search_space_spec() -> type[CRDModel]:
+    """One optional bounds override per knob of the tuner's GPU space (its knobs are EngineConfig fields)."""
+    fields: dict[str, Any] = {
+        k.name: (FloatBounds | None if k.kind == "float" else IntBounds | None, None) for k in gpu_space().knobs
+    }
+    return create_model(
+        "SearchSpaceSpec", __base__=CRDModel,
+        __doc__="Overrides of the tuner's default bounds (see the tuner's documentation for the defaults).", **fields
+    )
 
-    gpu_memory_utilization: FloatBounds | None = None
-    max_num_seqs: IntBounds | None = None
-    max_num_batched_tokens: IntBounds | None = None
-    tensor_parallel_size: IntBounds | None = None
+
+SearchSpaceSpec = _search_space_spec()
 
 
 class TuningSpec(CRDModel):
@@ -183,7 +192,7 @@ class InferenceServiceSpec(CRDModel):
 
     @model_validator(mode="after")
     def _gpus_fit_tensor_parallel(self) -> InferenceServiceSpec:
-        gpus, tp = self.resources.gpus_per_replica, self.engine.tensor_parallel_size
+        gpus, tp = self.resources.gpus_per_replica, self.engine.tensor_parallel_size or 1
         if gpus == 0 and tp != 1:
             raise ValueError("engine.tensorParallelSize must be 1 when resources.gpusPerReplica is 0 (CPU)")
         if gpus and gpus % tp:

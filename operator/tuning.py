@@ -22,6 +22,7 @@ from typing import Any
 from kvpilot.operator import resources as res
 from kvpilot.operator.apply import Applier
 from kvpilot.operator.config import OperatorConfig
+from kvpilot.operator.engine_knobs import effective_knobs
 from kvpilot.operator.kube import JOB, POD
 from kvpilot.operator.load_job import finished, job_labels, job_name, load_job, load_result, num_prompts
 from kvpilot.operator.rollout import Event, engine_config
@@ -92,7 +93,7 @@ def effective_spec(spec: InferenceServiceSpec, state: ClusterState | None) -> In
 
 
 def _current(spec: InferenceServiceSpec) -> Params:
-    engine = spec.engine.model_dump()
+    engine = effective_knobs(spec.engine)
     return {k.name: engine[k.name] for k in space_from_spec(spec).knobs if k.name in engine}
 
 

@@ -31,10 +31,8 @@ async def test_create_builds_children_and_becomes_ready(emulator, start_operator
     container = pod["containers"][0]
     args = container["args"]
     assert container["command"] == ["kvpilot", "serve"]
-    assert args[args.index("--model") + 1] == "demo"
-    assert args[args.index("--revision") + 1] == revision
-    assert args[args.index("--drain-timeout") + 1] == "5"
-    assert "--enable-prefix-caching" in args
+    assert {"--model=demo", f"--revision={revision}", "--served-model-name=demo", "--drain-timeout=5"} <= set(args)
+    assert not any(a.startswith("--max-num-seqs") for a in args)  # unset knobs: the engine's defaults
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert pod["terminationGracePeriodSeconds"] > 5 + 5  # drain + preStop sleep

@@ -64,7 +64,9 @@ class SurfacePrometheus(FakePrometheus):
 
 
 def _arg(args: list[str], flag: str) -> str:
-    return args[args.index(flag) + 1]
+    """`--flag=value` (the engine's arguments) or `--flag value` (the load generator's)."""
+    joined = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+    return joined[0] if joined else args[args.index(flag) + 1]
 
 
 class Controllers:

@@ -7,6 +7,7 @@ best configuration meets the SLO when a fresh server is measured again.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -14,6 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from kvpilot.engine.config import EngineConfig
+from kvpilot.engine.flags import engine_values
+from kvpilot.engine.server import cli as serve_cli
 from kvpilot.tuner.local import LocalRunner, LocalSettings
 from kvpilot.tuner.objective import SLO
 from kvpilot.tuner.prometheus import free_port, local_prometheus
@@ -57,7 +61,11 @@ def test_tune_runs_four_trials_reports_progress_and_writes_everything(tuned: tup
     best = json.loads((out / "best_config.json").read_text())
     assert best["goodput_tokens_per_s"] > 0 and best["ttft_p95_ms"] <= 500 and best["itl_p95_ms"] <= 120
     assert best["metrics_source"].startswith("prometheus http://127.0.0.1:")
-    assert "--num-kv-blocks" in best["serve_flags"]
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    served = EngineConfig(**engine_values(parser.parse_args(best["serve_flags"])))
+    assert served.model == "demo" and served.max_model_len == 96
+    assert served.model_dump(include=set(best["engine"])) == best["engine"]
 
 
 def test_the_infeasible_configuration_is_marked_and_not_retried(tuned: tuple[Path, str]) -> None:
