@@ -15,7 +15,7 @@ import kopf
 from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.kube import KubeClient
 from kvpilot.operator.reconcile import reconcile
-from kvpilot.operator.rollout import Event
+from kvpilot.operator.reducer import Event
 from kvpilot.operator.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from kvpilot.operator import rollout
 from kvpilot.operator.apply import Applier, with_conflict_retries
 from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, KubeClient
+from kvpilot.operator.reducer import Event, Part, apply, reduce
 from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
 from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
 from kvpilot.operator.tuning import TuningDriver, effective_spec, load_study, trial_revision
@@ -25,7 +26,7 @@ from kvpilot.operator.verify import CheckResult, judge_slo, read_slo_window, smo
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
-Emit = Callable[[rollout.Event], None]
+Emit = Callable[[Event], None]
 
 
 def spec_error_message(exc: ValidationError) -> str:
@@ -109,36 +110,40 @@ def _converge(
 
 
 def _observe_slo(
-    status: InferenceServiceStatus, spec: InferenceServiceSpec, config: OperatorConfig, at: dt.datetime
-) -> None:
+    previous: InferenceServiceStatus, active: str | None, spec: InferenceServiceSpec, config: OperatorConfig,
+    at: dt.datetime,
+) -> Part:
     """Read the live revision's SLO window every slo_refresh_seconds; skipped without a prometheusUrl."""
-    active = status.active_revision
+    part = Part()
     if spec.monitoring.prometheus_url is None or active is None:
-        status.set_condition(
-            "SLOMet", None, "NotMeasured", "no spec.monitoring.prometheusUrl", status.observed_generation
-        )
-        return
-    last = status.slo
-    if (
-        last is not None
-        and last.revision == active
-        and (at - last.observed_at).total_seconds() < config.slo_refresh_seconds
-    ):
-        return
+        part.condition("SLOMet", None, "NotMeasured", "no spec.monitoring.prometheusUrl")
+        return part
+    last = previous.slo
+    fresh = last is not None and (at - last.observed_at).total_seconds() < config.slo_refresh_seconds
+    if fresh and last is not None and last.revision == active:
+        return part
     try:
         observation = read_slo_window(spec.monitoring.prometheus_url, active, config.slo_window_seconds)
     except Exception as exc:  # prometheus-api-client raises several unrelated types
-        status.set_condition("SLOMet", None, "PrometheusUnavailable", repr(exc)[:300], status.observed_generation)
-        return
-    status.slo = observation
-    status.ttft_p95_ms, status.tokens_per_second = observation.ttft_p95_ms, observation.tokens_per_second
+        part.condition("SLOMet", None, "PrometheusUnavailable", repr(exc)[:300])
+        return part
+    part.fields.update(slo=observation, ttft_p95_ms=observation.ttft_p95_ms,
+                       tokens_per_second=observation.tokens_per_second)
     verdict = judge_slo(observation, spec.slo, check_throughput=True)
     if verdict is None:
-        status.set_condition(
-            "SLOMet", None, "NoData", "no SLO declared or no samples in the window", status.observed_generation
-        )
+        part.condition("SLOMet", None, "NoData", "no SLO declared or no samples in the window")
     else:
-        status.set_condition("SLOMet", verdict.ok, verdict.reason, verdict.message, status.observed_generation)
+        part.condition("SLOMet", verdict.ok, verdict.reason, verdict.message)
+    return part
+
+
+def _invalid_spec(status: InferenceServiceStatus, message: str) -> Part:
+    part = Part(phase="Failed" if status.active_revision is None else "Degraded")
+    previous = status.condition("Ready")
+    if previous is None or (previous.reason, previous.message) != ("InvalidSpec", message):
+        part.events.append(Event("Warning", "InvalidSpec", message))  # once per distinct problem
+    part.condition("Ready", False, "InvalidSpec", message)
+    return part
 
 
 def _without_nulls(value: Any) -> Any:
@@ -169,19 +174,13 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
     if body is None or body["metadata"].get("deletionTimestamp"):
         return  # gone: its children go with it through their ownerReferences
     generation = body["metadata"].get("generation")
-    status = load_status(body.get("status"))
+    previous = load_status(body.get("status"))
     at = now()
     try:
         spec = user_spec = parse_spec(body.get("spec") or {})
     except ValidationError as exc:
-        message = spec_error_message(exc)
-        previous = status.condition("Ready")
-        if previous is None or (previous.reason, previous.message) != ("InvalidSpec", message):
-            emit(rollout.Event("Warning", "InvalidSpec", message))  # once per distinct problem
-        status.set_condition("Ready", False, "InvalidSpec", message, generation)
-        status.phase = "Failed" if status.active_revision is None else "Degraded"
-        status.observed_generation = generation
-        _write_status(client, body, status)
+        status, events = reduce(previous, {"spec": _invalid_spec(previous, spec_error_message(exc))}, generation)
+        _finish(client, body, status, events, emit)
         return
     applier = Applier(client, body)
     study, basis = load_study(applier, name)
@@ -189,14 +188,22 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
     desired = res.revision_of(spec)
     checks = LiveChecks(applier, spec, name, config)
     slo_checks = spec.monitoring.prometheus_url is not None
-    for event in rollout.advance(status, spec, desired, checks, at, generation, slo_checks):
-        emit(event)
+    parts = {"rollout": rollout.advance(previous, spec, desired, checks, at, slo_checks)}
+    after_rollout = apply(previous, parts, generation)  # what tuning and the children follow
     tuning = TuningDriver(applier, name, body["metadata"].get("uid", name), user_spec, config, study, basis)
-    for event in tuning.step(status, desired, at):
-        emit(event)
+    parts["tuning"] = tuning.step(after_rollout, desired, at)
     service_monitors = spec.monitoring.service_monitor and client.has_resource(SERVICE_MONITOR)
-    _converge(applier, name, spec, desired, status, service_monitors)
-    _observe_slo(status, spec, config, at)
-    deployment = applier.get("Deployment", res.deployment_name(name, status.active_revision or desired))
-    status.ready_replicas = ((deployment or {}).get("status") or {}).get("readyReplicas", 0)
+    _converge(applier, name, spec, desired, apply(previous, parts, generation), service_monitors)
+    parts["slo"] = _observe_slo(previous, after_rollout.active_revision, spec, config, at)
+    deployment = applier.get("Deployment", res.deployment_name(name, after_rollout.active_revision or desired))
+    parts["rollout"].fields["ready_replicas"] = ((deployment or {}).get("status") or {}).get("readyReplicas", 0)
+    status, events = reduce(previous, parts, generation)
+    _finish(client, body, status, events, emit)
+
+
+def _finish(client: KubeClient, body: dict[str, Any], status: InferenceServiceStatus, events: list[Event],
+            emit: Emit) -> None:
+    """Status first, then the Events: an Event never announces what status does not yet say."""
     _write_status(client, body, status)
+    for event in events:
+        emit(event)

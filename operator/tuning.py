@@ -25,7 +25,8 @@ from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.engine_knobs import effective_knobs
 from kvpilot.operator.kube import JOB, POD
 from kvpilot.operator.load_job import finished, job_labels, job_name, load_job, load_result, num_prompts
-from kvpilot.operator.rollout import Event, engine_config
+from kvpilot.operator.reducer import Event, Part
+from kvpilot.operator.rollout import engine_config
 from kvpilot.operator.spec import InferenceServiceSpec
 from kvpilot.operator.status import InferenceServiceStatus, TuningStatus
 from kvpilot.tuner.cluster import (
@@ -52,7 +53,6 @@ FATAL_WAITING = {
 }
 MAX_RESTARTS = 2
 WARMUP_SHARE, MAX_WARMUP_S = 0.25, 30.0
-_swept: set[tuple[str, str]] = set()
 
 
 def study_name(name: str) -> str:
@@ -111,42 +111,42 @@ class TuningDriver:
 
     # -- the pass ---------------------------------------------------------------------------------------
 
-    def step(self, status: InferenceServiceStatus, desired: str, at: dt.datetime) -> list[Event]:
+    def step(self, status: InferenceServiceStatus, desired: str, at: dt.datetime) -> Part:
+        """`status` is this pass's status as the rollout left it; returns tuning's part of the next one."""
+        part = Part()
         if not self.spec.tuning.enabled:
-            self._disable(status)
-            return []
-        state, events = self._fresh_state()
+            self._disable(part)
+            return part
+        state, part.events = self._fresh_state()
         settings = settings_from_spec(self.spec, self.prefix).model_copy(
             update={"baseline": _current(effective_spec(self.spec, state))})
         if state.promoted is not None and status.failed_revision == desired:
             state.phase, state.promoted = "Failed", None
             state.message = f"the rollout of the best configuration was rolled back: {self._last_failure(status)}"
-            events.append(Event("Warning", "TuningPromotionRolledBack", state.message))
-        gen, advanced = status.observed_generation, False
+            part.events.append(Event("Warning", "TuningPromotionRolledBack", state.message))
+        advanced = False
         if self.prometheus is None:
-            status.set_condition("Tuned", False, "PrometheusRequired", "tuning reads trial metrics from "
-                                 "spec.monitoring.prometheusUrl", gen)
-        elif status.active_revision is None or status.rollout is not None or status.phase not in ("Ready", "Tuning"):
+            part.condition("Tuned", False, "PrometheusRequired", "tuning reads trial metrics from "
+                           "spec.monitoring.prometheusUrl")
+        elif status.active_revision is None or status.rollout is not None or status.phase != "Ready":
             if state.phase != "Done":
-                status.set_condition("Tuned", False, "Waiting", "tuning waits for the service to be Ready with no "
-                                     "rollout in progress", gen)
+                part.condition("Tuned", False, "Waiting", "tuning waits for the service to be Ready with no "
+                               "rollout in progress")
         else:
             state, actions = advance(state, settings, self._observe(state, settings, status, at))
-            events += self._describe(state, actions)
+            part.events += self._describe(state, actions)
             self.changed, advanced = bool(actions), True
         target = res.revision_of(effective_spec(self.spec, state))  # what serves once the study's best is live
         if advanced:
-            self._condition(state, status, target)
+            self._condition(state, status, target, part)
         if state.phase == "Done" and status.active_revision == target:
-            status.set_condition("Tuned", True, "BestPromoted", state.message, gen)
-        key = (self.applier.namespace, self.name)
-        if key not in _swept or (self.stored is not None and state != self.stored):
-            self.changed = True  # also once per operator process: whatever a crash left half-done is swept
-            _swept.add(key)
+            part.condition("Tuned", True, "BestPromoted", state.message)
+        if self.stored is not None and state != self.stored:
+            self.changed = True
         self._save(state)
         self._converge(state)
-        self._report(state, status)
-        return events
+        self._report(state, part)
+        return part
 
     def _fresh_state(self) -> tuple[ClusterState, list[Event]]:
         basis = study_basis(self.spec)
@@ -308,40 +308,37 @@ class TuningDriver:
                     url = self.config.service_url(study_name(self.name), ns, res.PORT)
                     self.applier.ensure(load_job(self.name, ns, self.spec, trial.revision, step, trial.rate,
                                                  settings_from_spec(self.spec).step_seconds, url))
-        if not self.changed:
-            return
-        if trial is None:
+        if trial is None and (self.changed or self._get("Service", study_name(self.name)) is not None):
             self.applier.delete("Service", study_name(self.name))
         for job in self.applier.client.list(JOB, ns, job_labels(self.name)):
             if job["metadata"]["name"] != current_job:
                 self.applier.delete("Job", job["metadata"]["name"])
 
-    def _disable(self, status: InferenceServiceStatus) -> None:
+    def _disable(self, part: Part) -> None:
         """Tuning switched off: the study and its children go, the user's engine settings serve again."""
         if self.stored is not None:
             self.applier.delete("ConfigMap", study_name(self.name))
             self.changed = True
             self._converge(ClusterState(study=self.stored.study))
-        status.tuning = None
-        status.conditions = [c for c in status.conditions if c.type != "Tuned"]
+        part.fields["tuning"] = None
+        part.conditions["Tuned"] = None
 
-    def _report(self, state: ClusterState, status: InferenceServiceStatus) -> None:
+    def _report(self, state: ClusterState, part: Part) -> None:
         engine = engine_config(effective_spec(self.spec, state)).model_dump(mode="json", by_alias=True)
-        status.tuning = TuningStatus.model_validate(
+        part.fields["tuning"] = TuningStatus.model_validate(
             {**tuning_status(state, engine), "studyConfigMap": study_name(self.name)})
-        if state.trial is not None and status.phase == "Ready":
-            status.phase = "Tuning"
+        if state.trial is not None:
+            part.phase = "Tuning"  # shown while the rollout says Ready (reducer.PHASE_PRECEDENCE)
 
-    def _condition(self, state: ClusterState, status: InferenceServiceStatus, desired: str) -> None:
-        gen = status.observed_generation
+    def _condition(self, state: ClusterState, status: InferenceServiceStatus, desired: str, part: Part) -> None:
         if state.phase == "Done":
             if status.active_revision != desired:
-                status.set_condition("Tuned", False, "Promoting", f"rolling out the best: {state.message}", gen)
+                part.condition("Tuned", False, "Promoting", f"rolling out the best: {state.message}")
         elif state.phase == "Failed":
-            status.set_condition("Tuned", False, "TuningFailed", state.message, gen)
+            part.condition("Tuned", False, "TuningFailed", state.message)
         elif state.trial is not None:
             n, total = sum(r.ran for r in state.study.records) + 1, self.spec.tuning.max_trials
-            status.set_condition("Tuned", False, "Tuning", f"trial {n} of at most {total} ({state.phase})", gen)
+            part.condition("Tuned", False, "Tuning", f"trial {n} of at most {total} ({state.phase})")
 
 
 def _knobs(params: Params) -> str:

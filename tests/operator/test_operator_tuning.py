@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import time
@@ -239,6 +240,14 @@ async def test_tuning_trials_persist_across_restart_and_the_best_is_promoted(
     assert len(controllers.jobs_seen) >= 5  # at least one load step per feasible trial
     reasons = set(event_reasons(em, "llm"))
     assert {"TrialStarted", "TrialFinished", "TuningPromoted"} <= reasons
+    # One Phase Event per real transition of the stored phase, though tuning and the rollout both speak each pass.
+    phases = [v.get("status", {}).get("phase") for v in em.versions("inferenceservices", NAMESPACE, "llm")]
+    changes = [b for a, b in itertools.pairwise(phases) if b and a != b]
+    assert changes.count("Tuning") >= 1 and changes.count("Ready") >= 2  # Ready, Tuning for the study, Ready
+    await eventually(lambda: [r for r in event_reasons(em, "llm") if r.startswith("Phase")].count("PhaseReady")
+                     >= changes.count("Ready"), what="a PhaseReady Event per transition to Ready")
+    posted = [r.removeprefix("Phase") for r in event_reasons(em, "llm") if r.startswith("Phase")]
+    assert {p: posted.count(p) for p in ("Ready", "Tuning")} == {p: changes.count(p) for p in ("Ready", "Tuning")}
 
 
 async def test_tuning_waits_for_prometheus(emulator, start_operator, api, surface):
