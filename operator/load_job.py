@@ -123,6 +123,12 @@ def finished(job: dict[str, Any]) -> tuple[bool, str] | None:
     return None
 
 
+def terminated(pods: list[dict[str, Any]]) -> bool:
+    """Has a pod's container ended (so its termination message, if any, is in its status)?"""
+    return any(((cs.get("state") or {}).get("terminated")) for p in pods
+               for cs in (p.get("status") or {}).get("containerStatuses") or [])
+
+
 def _summary(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:

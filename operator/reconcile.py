@@ -15,9 +15,10 @@ from typing import Any
 
 from kvpilot.operator import resources as res
 from kvpilot.operator import rollout
-from kvpilot.operator.apply import Applier, with_conflict_retries
+from kvpilot.operator.apply import Applier, conflict_error
+from kvpilot.operator.children import Children
 from kvpilot.operator.config import OperatorConfig
-from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, KubeClient
+from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, ApiError, KubeClient
 from kvpilot.operator.reducer import Event, Part, apply, reduce
 from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
 from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
@@ -146,30 +147,28 @@ def _invalid_spec(status: InferenceServiceStatus, message: str) -> Part:
     return part
 
 
-def _without_nulls(value: Any) -> Any:
-    """A merge patch deletes null keys, so the stored status never has them: compare without."""
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
 def _write_status(client: KubeClient, body: dict[str, Any], status: InferenceServiceStatus) -> bool:
-    """Patch our part of status, only when it changed (a quiet pass writes nothing)."""
+    """Apply our part of status, only when it changed (a quiet pass writes nothing). Server-side apply: a
+    field we no longer set (a finished rollout) is removed, not left behind."""
     new = dump_status(status)
-    old = body.get("status") or {}
-    if _without_nulls(new) == _without_nulls({k: old.get(k) for k in new}):
+    old = dump_status(load_status(body.get("status")))  # ours only: keys others write are not compared
+    if new == old:
         return False
     meta = body["metadata"]
-    with_conflict_retries(
-        lambda: client.patch(INFERENCE_SERVICE, meta["namespace"], meta["name"], {"status": new}, subresource="status"),
-        f"InferenceService/{meta['name']} status",
-    )
+    manifest = {"apiVersion": INFERENCE_SERVICE.api_version, "kind": INFERENCE_SERVICE.kind,
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "status": new}
+    try:
+        client.apply(manifest, force=True, subresource="status")
+    except ApiError as exc:
+        if exc.status == 409:
+            raise conflict_error(f"InferenceService/{meta['name']} status", exc) from exc
+        raise
     return True
 
 
-def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorConfig, emit: Emit) -> None:
+def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorConfig, emit: Emit,
+              indexes: dict[str, Any]) -> None:
+    """One pass; `indexes` are kopf's indexes of the children (children.py)."""
     body = client.get(INFERENCE_SERVICE, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return  # gone: its children go with it through their ownerReferences
@@ -182,7 +181,7 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
         status, events = reduce(previous, {"spec": _invalid_spec(previous, spec_error_message(exc))}, generation)
         _finish(client, body, status, events, emit)
         return
-    applier = Applier(client, body)
+    applier = Applier(client, body, Children(indexes, namespace, name), emit)
     study, basis = load_study(applier, name)
     spec = effective_spec(spec, study)
     desired = res.revision_of(spec)

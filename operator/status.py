@@ -145,4 +145,5 @@ def load_status(raw: dict | None) -> InferenceServiceStatus:
 
 
 def dump_status(status: InferenceServiceStatus) -> dict:
-    return status.model_dump(mode="json", by_alias=True, exclude_none=False)
+    """Unset fields are left out: applied as `kvpilot`, a field left out is removed from the stored status."""
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -23,8 +23,15 @@ from kvpilot.operator import resources as res
 from kvpilot.operator.apply import Applier
 from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.engine_knobs import effective_knobs
-from kvpilot.operator.kube import JOB, POD
-from kvpilot.operator.load_job import finished, job_labels, job_name, load_job, load_result, num_prompts
+from kvpilot.operator.load_job import (
+    finished,
+    job_labels,
+    job_name,
+    load_job,
+    load_result,
+    num_prompts,
+    terminated,
+)
 from kvpilot.operator.reducer import Event, Part
 from kvpilot.operator.rollout import engine_config
 from kvpilot.operator.spec import InferenceServiceSpec
@@ -53,6 +60,7 @@ FATAL_WAITING = {
 }
 MAX_RESTARTS = 2
 WARMUP_SHARE, MAX_WARMUP_S = 0.25, 30.0
+POD_STATUS_GRACE_S = 30.0  # after a step's planned end, a finished Job's pod may still be on its way
 
 
 def study_name(name: str) -> str:
@@ -182,7 +190,9 @@ class TuningDriver:
         job = self._get("Job", job_name(self.name, trial.revision, len(trial.steps)))
         if job is None or finished(job) is None:
             return obs
-        pods = self.applier.client.list(POD, self.applier.namespace, {"job-name": job["metadata"]["name"]})
+        pods = self.applier.list("Pod", {"job-name": job["metadata"]["name"]})
+        if not terminated(pods) and (at - trial.since).total_seconds() < s.step_seconds + POD_STATUS_GRACE_S:
+            return obs  # the Job's and its pod's watch events arrive apart: wait for the pod's last status
         planned = num_prompts(trial.rate, s.step_seconds)
         result = load_result(job, pods, planned)
         if result is None:
@@ -310,7 +320,7 @@ class TuningDriver:
                                                  settings_from_spec(self.spec).step_seconds, url))
         if trial is None and (self.changed or self._get("Service", study_name(self.name)) is not None):
             self.applier.delete("Service", study_name(self.name))
-        for job in self.applier.client.list(JOB, ns, job_labels(self.name)):
+        for job in self.applier.list("Job", job_labels(self.name)):
             if job["metadata"]["name"] != current_job:
                 self.applier.delete("Job", job["metadata"]["name"])
 

@@ -163,6 +163,14 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
+async def wait_passes(em: Any, name: str, n: int, timeout: float = 30.0) -> int:
+    """Wait until the operator has made `n` more reconcile passes over `name` (each reads it fresh);
+    returns the passes made: what "nothing happened" is asserted over, instead of a sleep."""
+    start = em.passes(name)
+    await eventually(lambda: em.passes(name) >= start + n, timeout, f"{n} reconcile passes over {name}")
+    return em.passes(name) - start
+
+
 class OperatorProcess:
     """`kvpilot operator` as its own process, as it runs in a cluster; kill() is SIGKILL, no goodbye."""
 

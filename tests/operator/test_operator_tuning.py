@@ -26,7 +26,7 @@ from kvpilot.operator.config import OperatorConfig
 from .conftest import NAMESPACE, isvc
 from .emulator import Emulator
 from .flows import MERGE, condition, create, deploy_ready, deployment_names, event_reasons, isvc_status, mark_ready
-from .harness import FakePrometheus, PodDouble, eventually
+from .harness import FakePrometheus, PodDouble, eventually, wait_passes
 
 OUTPUT_TOKENS = 32
 CRASHING_SEQS = 200  # trials at or above this crash-loop: "the KV pool is too small for that many sequences"
@@ -126,7 +126,8 @@ class Controllers:
                    "failed": 0, "failures": {}, "output_throughput": min(rate, cap) * OUTPUT_TOKENS}
         terminated = {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)}
         finished = {"phase": "Succeeded", "containerStatuses": [{"name": "load", "state": {"terminated": terminated}}]}
-        await self._pod(f"{name}-abcde", {"job-name": name}, job, finished)
+        labels = {**job["spec"]["template"]["metadata"]["labels"], "job-name": name}  # as the Job controller sets
+        await self._pod(f"{name}-abcde", labels, job, finished)
         status = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True", "reason": "Completed"}]}
         path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{name}/status"
         response = await self.api.patch(path, json={"status": status}, headers=MERGE)
@@ -312,7 +313,7 @@ async def test_live_attainment_below_the_threshold_starts_the_study_over(
     await eventually(lambda: (c := condition(em, "llm", "Tuned")) and c["status"] == "True", timeout=60,
                      what="first study done", detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
     surface.live_share = 0.95  # within the SLO often enough: the study stays done
-    await asyncio.sleep(1.0)
+    await wait_passes(em, "llm", 5)
     assert study(em)["phase"] == "Done"
     surface.live_share = 0.5
     restarted = await eventually(lambda: (s := study(em)) and s["phase"] != "Done" and s, timeout=30,

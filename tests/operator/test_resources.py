@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvpilot.operator import resources as res
-from kvpilot.operator.apply import is_subset
+from kvpilot.operator.apply import taken_over
 from kvpilot.operator.spec import parse_spec
 
 from .conftest import BASE_SPEC
@@ -99,16 +99,22 @@ def test_deployment_readiness_needs_the_current_generation():
     assert not res.deployment_ready(dep)
 
 
-def test_subset_comparison_ignores_server_defaults_but_not_changes():
-    desired = {"spec": {"ports": [{"port": 8000}], "selector": {"a": "1"}}}
-    assert is_subset(
-        desired,
-        {"spec": {"ports": [{"port": 8000, "protocol": "TCP"}], "selector": {"a": "1"}, "clusterIP": "10.0.0.1"}},
-    )
-    assert not is_subset(desired, {"spec": {"ports": [{"port": 8000}], "selector": {"a": "2"}}})
-    assert not is_subset(desired, {"spec": {"ports": [], "selector": {"a": "1"}}})
-    # The API server drops empty lists and maps: what we send as [] or {} must not look like drift.
-    assert is_subset({"spec": {"env": [], "nodeSelector": {}, "x": 1}}, {"spec": {"x": 1}})
+def test_drift_is_a_field_of_ours_that_another_manager_owns():
+    desired = {"metadata": {"annotations": {"a": "1"}}, "spec": {"selector": {"rev": "x"}, "ports": [
+        {"name": "http", "port": 8000}]}}
+
+    def live(manager: str, fields: dict) -> dict:
+        return {"metadata": {"managedFields": [
+            {"manager": "kvpilot", "operation": "Apply", "fieldsV1": {"f:spec": {"f:selector": {}}}},
+            {"manager": manager, "operation": "Update", "fieldsV1": fields}]}}
+
+    assert taken_over(live("kubectl-edit", {"f:spec": {"f:selector": {"f:rev": {}}}}), desired) == ["kubectl-edit"]
+    assert taken_over(live("edit", {"f:spec": {"f:ports": {'k:{"name":"http"}': {"f:port": {}}}}}), desired)
+    # The Deployment controller's own annotation, and a status writer, are no drift of ours.
+    assert not taken_over(live("kube-controller-manager", {"f:metadata": {"f:annotations": {"f:rev": {}}}}), desired)
+    status_writer = live("kubelet", {"f:spec": {"f:selector": {"f:rev": {}}}})
+    status_writer["metadata"]["managedFields"][1]["subresource"] = "status"
+    assert not taken_over(status_writer, desired)
 
 
 def test_cpu_threads_round_a_request_up_to_whole_cpus():
