@@ -103,7 +103,7 @@ class Cluster:
         await self._stack.__aexit__(*exc)
 
     def _on_pods(self, runners: list[Any]) -> None:
-        self.prometheus.write_targets(runners, self.node.revision)
+        self.prometheus.write_targets(runners, self.node.labels, NAMESPACE)
 
     async def isvc(self, name: str) -> dict[str, Any]:
         body = await self.kube.get("InferenceService", name)

@@ -1,7 +1,9 @@
 """A real Prometheus (Debian's `prometheus`) scraping every pod the node runs, through file_sd.
 
-The node rewrites the target file as pods come and go; each target carries the pod's name and its
-`revision` label. `honor_labels` keeps the engine's own `revision` and `model_name` labels.
+The node rewrites the target file as pods come and go; each target carries what a Kubernetes scrape
+configuration takes from the pod's metadata (operator/resources.py SERIES_LABELS): its namespace, its
+InferenceService and its revision, and its name. `honor_labels: false`, so a pod cannot claim another
+tenant's labels: a label it reports itself under one of those names is kept as `exported_<name>`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import httpx
 import yaml
+from kvpilot.operator.resources import LABEL_ISVC, LABEL_REVISION
 
 from e2e.pod import PodRunner, free_port
 
@@ -43,7 +46,7 @@ class Prometheus:
             "scrape_configs": [
                 {
                     "job_name": "kvpilot-engine",
-                    "honor_labels": True,
+                    "honor_labels": False,
                     "file_sd_configs": [{"files": [str(self.targets_path)], "refresh_interval": "1s"}],
                 }
             ],
@@ -75,14 +78,14 @@ class Prometheus:
                 await asyncio.sleep(0.2)
         raise RuntimeError("prometheus did not become ready in 20 s")
 
-    def write_targets(self, runners: list[PodRunner], revisions: dict[str, str] | None = None) -> None:
-        groups = [
-            {
-                "targets": [f"127.0.0.1:{r.port}"],
-                "labels": {"pod": r.name, "revision": (revisions or {}).get(r.name, "")},
-            }
-            for r in runners
-        ]
+    def write_targets(self, runners: list[PodRunner], labels: dict[str, dict[str, str]] | None = None,
+                      namespace: str = "") -> None:
+        def target(r: PodRunner) -> dict[str, str]:
+            pod = (labels or {}).get(r.name, {})
+            return {"pod": r.name, "namespace": namespace, "inferenceservice": pod.get(LABEL_ISVC, ""),
+                    "revision": pod.get(LABEL_REVISION, "")}
+
+        groups = [{"targets": [f"127.0.0.1:{r.port}"], "labels": target(r)} for r in runners]
         if groups != self._last:
             tmp = self.targets_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(groups))

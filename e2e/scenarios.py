@@ -195,7 +195,8 @@ class Scenarios:
             f"{tuning.get('trialsRun')} trials; best {serving}: {best.get('goodputTokensPerSecond')} tok/s, "
             f"TTFT p95 {best.get('ttftP95Ms')} ms, ITL p95 {best.get('itlP95Ms')} ms; "
             f"{'promoted ' + old + ' -> ' + active if active != old else 'the serving configuration was best'}; "
-            f"pinned without a rollout: {after.get('activeRevision') == active}" + first_failure(failures)
+            f"pinned without a rollout: {after.get('activeRevision') == active}; best config {best.get('config')}"
+            + first_failure(failures)
         )
         return result
 

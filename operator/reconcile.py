@@ -24,6 +24,7 @@ from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
 from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
 from kvpilot.operator.tuning import TuningDriver, effective_spec, load_study, trial_revision
 from kvpilot.operator.verify import CheckResult, judge_slo, read_slo_window, smoke_completion
+from kvpilot.tuner.metrics import Prometheus, PrometheusError
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,11 @@ class LiveChecks:
         prometheus = self.spec.monitoring.prometheus_url
         if prometheus is None:
             return None
+        labels = res.series_labels(self.applier.namespace, self.name, revision)
         try:
-            observation = read_slo_window(prometheus, revision, seconds)
-        except Exception as exc:  # prometheus-api-client raises several unrelated types
-            return CheckResult(ok=False, reason="PrometheusUnavailable", message=repr(exc))
+            observation = read_slo_window(Prometheus(prometheus), labels, revision, seconds)
+        except PrometheusError as exc:
+            return CheckResult(ok=False, reason="PrometheusUnavailable", message=str(exc))
         return judge_slo(observation, self.spec.slo, check_throughput=False)
 
     def _api_key(self) -> str | None:
@@ -111,8 +113,8 @@ def _converge(
 
 
 def _observe_slo(
-    previous: InferenceServiceStatus, active: str | None, spec: InferenceServiceSpec, config: OperatorConfig,
-    at: dt.datetime,
+    previous: InferenceServiceStatus, namespace: str, name: str, active: str | None, spec: InferenceServiceSpec,
+    config: OperatorConfig, at: dt.datetime,
 ) -> Part:
     """Read the live revision's SLO window every slo_refresh_seconds; skipped without a prometheusUrl."""
     part = Part()
@@ -123,10 +125,12 @@ def _observe_slo(
     fresh = last is not None and (at - last.observed_at).total_seconds() < config.slo_refresh_seconds
     if fresh and last is not None and last.revision == active:
         return part
+    labels = res.series_labels(namespace, name, active)
     try:
-        observation = read_slo_window(spec.monitoring.prometheus_url, active, config.slo_window_seconds)
-    except Exception as exc:  # prometheus-api-client raises several unrelated types
-        part.condition("SLOMet", None, "PrometheusUnavailable", repr(exc)[:300])
+        observation = read_slo_window(Prometheus(spec.monitoring.prometheus_url), labels, active,
+                                      config.slo_window_seconds)
+    except PrometheusError as exc:
+        part.condition("SLOMet", None, "PrometheusUnavailable", str(exc))
         return part
     part.fields.update(slo=observation, ttft_p95_ms=observation.ttft_p95_ms,
                        tokens_per_second=observation.tokens_per_second)
@@ -193,7 +197,7 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
     parts["tuning"] = tuning.step(after_rollout, desired, at)
     service_monitors = spec.monitoring.service_monitor and client.has_resource(SERVICE_MONITOR)
     _converge(applier, name, spec, desired, apply(previous, parts, generation), service_monitors)
-    parts["slo"] = _observe_slo(previous, after_rollout.active_revision, spec, config, at)
+    parts["slo"] = _observe_slo(previous, namespace, name, after_rollout.active_revision, spec, config, at)
     deployment = applier.get("Deployment", res.deployment_name(name, after_rollout.active_revision or desired))
     parts["rollout"].fields["ready_replicas"] = ((deployment or {}).get("status") or {}).get("readyReplicas", 0)
     status, events = reduce(previous, parts, generation)

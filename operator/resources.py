@@ -62,6 +62,18 @@ def revision_labels(name: str, revision: str) -> dict[str, str]:
     return {**base_labels(name), LABEL_REVISION: revision}
 
 
+# The labels every engine series carries in Prometheus, set by the scrape configuration from the pod's metadata
+# (the ServiceMonitor's relabelings below; e2e/prometheus.py), never by what the pod reports about itself.
+SERIES_LABELS = {"namespace": "__meta_kubernetes_namespace",
+                 "inferenceservice": "__meta_kubernetes_pod_label_kvpilot_dev_inferenceservice",
+                 "revision": "__meta_kubernetes_pod_label_kvpilot_dev_revision"}
+
+
+def series_labels(namespace: str, name: str, revision: str) -> dict[str, str]:
+    """What every query filters on: the tenant (namespace, InferenceService) and the revision."""
+    return {"namespace": namespace, "inferenceservice": name, "revision": revision}
+
+
 def deployment_name(name: str, revision: str) -> str:
     return f"{name}-{revision}"
 
@@ -247,8 +259,11 @@ def service_monitor(name: str, namespace: str) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": namespace, "labels": base_labels(name)},
         "spec": {
             "selector": {"matchLabels": {LABEL_ISVC: name, "kvpilot.dev/role": "metrics"}},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
-            "podTargetLabels": [LABEL_REVISION],
+            "endpoints": [{
+                "port": "http", "path": "/metrics", "interval": "15s", "honorLabels": False,
+                "relabelings": [{"sourceLabels": [source], "targetLabel": target, "action": "replace"}
+                                for target, source in SERIES_LABELS.items()],
+            }],
         },
     }
 

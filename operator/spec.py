@@ -10,6 +10,7 @@ import re
 from typing import Any, Literal
 
 from kvpilot.operator.engine_knobs import knobs_model
+from kvpilot.tuner.objective import SLO
 from kvpilot.tuner.space import gpu_space
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -88,10 +89,10 @@ class ResourcesSpec(CRDModel):
         return value
 
 
-class SLOSpec(CRDModel):
-    ttft_p95_ms: float | None = Field(default=None, gt=0, description="Time to first token, p95, ms.")
-    itl_p95_ms: float | None = Field(default=None, gt=0, description="Inter-token latency, p95, ms.")
-    min_throughput_tokens_per_second: float | None = Field(default=None, ge=0)
+class SLOSpec(SLO):
+    """The tuner's SLO model (one model and one judge for trials, verification and the live reading), camelCased."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
 class LengthDistribution(CRDModel):

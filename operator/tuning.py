@@ -16,7 +16,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import math
 from typing import Any
 
 from kvpilot.operator import resources as res
@@ -48,7 +47,15 @@ from kvpilot.tuner.cluster import (
     space_from_spec,
     tuning_status,
 )
-from kvpilot.tuner.metrics import ITL, TTFT, PrometheusReader, WindowMetrics, buckets_query, share_within
+from kvpilot.tuner.metrics import (
+    ITL,
+    TTFT,
+    Prometheus,
+    PrometheusError,
+    PrometheusReader,
+    WindowMetrics,
+    attainment,
+)
 from kvpilot.tuner.study import Params, StudyState
 
 log = logging.getLogger(__name__)
@@ -112,7 +119,7 @@ class TuningDriver:
                  state: ClusterState | None, basis: str | None) -> None:
         self.applier, self.name, self.spec, self.config = applier, name, spec, config
         self.stored, self.stored_basis = state, basis
-        self.prefix = f"trial-{hashlib.sha256(uid.encode()).hexdigest()[:4]}"
+        self.prefix = f"trial-{hashlib.sha256(uid.encode()).hexdigest()[:6]}"
         self.prometheus = spec.monitoring.prometheus_url
         self.seen: dict[str, dict[str, Any] | None] = {}  # objects this pass already read, by kind/name
         self.changed = False  # the study moved this pass: children to create, or to clean up
@@ -215,7 +222,7 @@ class TuningDriver:
 
     def _reader(self, revision: str) -> PrometheusReader:
         assert self.prometheus is not None
-        return PrometheusReader(self.prometheus, {"revision": revision}, self.config.scrape_interval_seconds)
+        return PrometheusReader(self.prometheus, self._labels(revision), self.config.scrape_interval_seconds)
 
     def _get(self, kind: str, name: str) -> dict[str, Any] | None:
         key = f"{kind}/{name}"
@@ -251,25 +258,18 @@ class TuningDriver:
 
     def _attainment(self, revision: str) -> float | None:
         """Share of the live revision's requests within the SLO (the worse of TTFT and ITL) over the SLO window."""
-        from prometheus_api_client import PrometheusConnect
-
         assert self.prometheus is not None
-        prom = PrometheusConnect(url=self.prometheus, disable_ssl=True)
-        window = f"{int(self.config.slo_window_seconds)}s"
-        shares = []
-        for histogram, target_ms in ((TTFT, self.spec.slo.ttft_p95_ms), (ITL, self.spec.slo.itl_p95_ms)):
-            if target_ms is None:
-                continue
-            try:
-                rows = prom.custom_query(buckets_query(histogram, {"revision": revision}, window))
-            except Exception as exc:  # no reading is no reason to re-tune
-                log.warning("%s: attainment not readable: %r", self.name, exc)
-                return None
-            buckets = {float(r["metric"]["le"]): float(r["value"][1]) for r in rows if "le" in r.get("metric", {})}
-            share = share_within({b: v for b, v in buckets.items() if not math.isnan(v)}, target_ms / 1000)
-            if share is not None:
-                shares.append(share)
-        return min(shares, default=None)
+        slo = self.spec.slo
+        targets = {TTFT: slo.ttft_p95_ms and slo.ttft_p95_ms / 1000, ITL: slo.itl_p95_ms and slo.itl_p95_ms / 1000}
+        try:
+            return attainment(Prometheus(self.prometheus), self._labels(revision), targets,
+                              self.config.slo_window_seconds)
+        except PrometheusError as exc:  # no reading is no reason to re-tune
+            log.warning("%s: attainment not readable: %s", self.name, exc)
+            return None
+
+    def _labels(self, revision: str) -> dict[str, str]:
+        return res.series_labels(self.applier.namespace, self.name, revision)
 
     # -- acting -----------------------------------------------------------------------------------------
 

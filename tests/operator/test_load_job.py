@@ -94,7 +94,8 @@ def test_live_attainment_is_the_worse_share_within_the_slo():
     try:
         spec = parse_spec({**BASE_SPEC, "slo": {"ttftP95Ms": 500, "itlP95Ms": 50},
                            "monitoring": {"prometheusUrl": prometheus.url}, "tuning": {"enabled": True}})
-        driver = TuningDriver(None, "llm", "uid", spec, OperatorConfig(), None, None)  # type: ignore[arg-type]
+        applier = type("Applier", (), {"namespace": "default"})()
+        driver = TuningDriver(applier, "llm", "uid", spec, OperatorConfig(), None, None)  # type: ignore[arg-type]
         assert driver._attainment("live") == 0.9
         assert any("sum by (le) (increase(kvpilot:inter_token_latency_seconds_bucket" in q for q in prometheus.queries)
         assert driver._attainment("other") is None  # no traffic: no reason to re-tune
