@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ import kmock
 import yaml
 from kmock._internal import enums, k8s
 from kmock._internal.dicts import merge_patch_dict
+from kvpilot.operator.crd import crd_manifest
 from kvpilot.operator.spec import GROUP, KIND, PLURAL, VERSION
 
-from e2e import ssa
+from e2e import crdserver, ssa
 
 JOB_RESOURCE = ("batch", "v1", "jobs")
 REQUEST_LOG = 64
@@ -56,13 +58,18 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def setup(self) -> None:
         self.resources.load_bundled()
+        names = crd_manifest()["spec"]["names"]
         self.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
             kind=KIND,
+            singular=names["singular"],
+            shortnames=names["shortNames"],
+            categories=names["categories"],
             namespaced=True,
             verbs=["list", "watch", "get", "create", "patch", "update", "delete"],
             subresources=["status"],
         )
         self._rv = itertools.count(1)
+        self.validation = True  # the CRD's structural schema on writes; off, like a cluster that skips it
 
     def _live(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         for (resource, ns, obj_name), obj in self.objects.items():
@@ -75,12 +82,22 @@ class ApiServer(kmock.KubernetesEmulator):
         # whole log: a request costs time in proportion to all before it (0.3 s after ~1,500 in a long run).
         # Nothing here reads the log, so only the newest entries are kept (the current request among them).
         del self._requests[:-REQUEST_LOG]
+        document = {"/openapi/v3": crdserver.openapi_root,
+                    f"/openapi/v3/{crdserver.GROUP_VERSION_PATH}": crdserver.openapi_group_version}
+        if request.url.path in document:
+            return aiohttp.web.json_response(document[request.url.path]())
+        warnings: list[str] = []
         if request.resource is not None:
             if request.action == enums.action.UPDATE and _is_apply(request):
                 applied = self._apply(request)
                 if not isinstance(applied, kmock.Request):
                     return applied
                 self._requests[self._requests.index(request)] = request = applied  # kmock matches on its log
+            if self._admitted(request) and isinstance(request.data, dict):
+                admitted = self._admit(request, warnings)
+                if not isinstance(admitted, kmock.Request):
+                    return admitted
+                self._requests[self._requests.index(request)] = request = admitted
             if request.action == enums.action.DELETE and request.name is not None:
                 marked = await self._mark_for_deletion(request)
                 if marked is not None:
@@ -107,7 +124,32 @@ class ApiServer(kmock.KubernetesEmulator):
             enums.action.DELETE,
         ):
             await self._collect_garbage()  # like the real collector: also catches children created late
+        for warning in warnings:
+            response.headers.add("Warning", f'299 - "{warning}"')
         return response
+
+    def _admitted(self, request: kmock.Request) -> bool:
+        """Writes to an InferenceService's main resource go through the CRD's structural schema."""
+        writes = request.action in (enums.action.CREATE, enums.action.UPDATE)
+        return self.validation and _is_custom(request) and writes and request.subresource is None
+
+    def _admit(self, request: kmock.Request, warnings: list[str]) -> aiohttp.web.StreamResponse | kmock.Request:
+        """Defaults, pruning of unknown fields (400 with fieldValidation=Strict, else a Warning each) and schema
+        validation (422 with one cause per field) on the object as the write would leave it (e2e/crdserver.py)."""
+        assert request.resource is not None
+        current = None if request.action == enums.action.CREATE else self._live(
+            request.resource.plural, request.namespace or "", request.name or "")
+        final = json.loads(json.dumps(merge_patch_dict(current or {}, request.data)))
+        crdserver.apply_defaults(final, crdserver.schema())
+        unknown = crdserver.prune(final, crdserver.schema())
+        if unknown and request.params.get("fieldValidation") == "Strict":
+            return aiohttp.web.json_response(crdserver.strict_status(unknown), status=400)
+        warnings += [f'unknown field "{u}"' for u in unknown]
+        causes = crdserver.invalid(final)
+        if causes:
+            name = (final.get("metadata") or {}).get("name") or request.name or ""
+            return aiohttp.web.json_response(crdserver.invalid_status(name, causes), status=422)
+        return attrs.evolve(request, data=final if current is None else ssa.merge_diff(current, final))
 
     def _apply(self, request: kmock.Request) -> aiohttp.web.StreamResponse | kmock.Request:
         """Server-side apply (e2e/ssa.py): a conflict is answered here, a no-op apply returns the object as it
@@ -258,7 +300,63 @@ class ApiServer(kmock.KubernetesEmulator):
             payload["items"] = [
                 i for i in payload["items"] if selector_matches(selector, (i.get("metadata") or {}).get("labels"))
             ]
+        fields = request.params.get("fieldSelector")
+        if fields:
+            payload["items"] = [i for i in payload["items"] if crdserver.field_selector_matches(fields, i)]
+        if _is_custom(request) and crdserver.wants_table(request.headers.get("Accept", "")):
+            return crdserver.table(payload["items"])
+        info = self.resources.get(request.resource) if request.resource is not None else None
+        if info is not None and info.kind:  # what kubectl decodes a list by
+            group = request.resource.group  # type: ignore[union-attr]
+            payload.update(kind=f"{info.kind}List", apiVersion=f"{group}/{request.resource.version}".lstrip("/"))  # type: ignore[union-attr]
         return payload
+
+    def _serve_watch(self, request: kmock.Request) -> Any:  # type: ignore[override]
+        """kmock's stream, typed as a watch is (`application/json;stream=watch`: kubectl rejects octet-stream),
+        each object a one-row Table when the client asks for Tables (`kubectl get --watch`)."""
+        stream = _selected(super()._serve_watch(request), request.params.get("labelSelector"),
+                           request.params.get("fieldSelector"))
+        if _is_custom(request) and crdserver.wants_table(request.headers.get("Accept", "")):
+            stream = _as_tables(stream)
+        return kmock.Response(headers={"Content-Type": "application/json;stream=watch"}, payload=stream)
+
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """kmock lists subresources with their resource's short names and categories; a real server does not."""
+        payload = await super()._serve_version(request)
+        for resource in payload.get("resources", []):
+            if "/" in resource["name"]:
+                resource.update(shortNames=[], categories=[])
+        return payload
+
+    async def _serve_fetch(self, request: kmock.Request) -> Any:
+        obj = await super()._serve_fetch(request)
+        if _is_custom(request) and crdserver.wants_table(request.headers.get("Accept", "")):
+            return crdserver.table([obj])
+        return obj
+
+
+async def _selected(stream: Any, labels: str | None, fields: str | None) -> Any:
+    """Only the events of objects the watch's label and field selectors match (kmock streams every object)."""
+    selector = _parse_selector(labels) if labels else {}
+    async for event in stream:
+        obj = event.get("object") if isinstance(event, dict) else None
+        if isinstance(obj, dict) and not (
+            selector_matches(selector, (obj.get("metadata") or {}).get("labels"))
+            and (not fields or crdserver.field_selector_matches(fields, obj))
+        ):
+            continue
+        yield event
+
+
+async def _as_tables(stream: Any) -> Any:
+    async for event in stream:
+        if isinstance(event, dict) and isinstance(event.get("object"), dict):
+            event = {**event, "object": crdserver.table([event["object"]])}
+        yield event
+
+
+def _is_custom(request: kmock.Request) -> bool:
+    return request.resource is not None and (request.resource.group, request.resource.plural) == (GROUP, PLURAL)
 
 
 def _is_apply(request: kmock.Request) -> bool:

@@ -84,7 +84,7 @@ class Cluster:
         self.proxy = ServiceProxy(self.kube)
         await self.proxy.start()
         self._stack.push_async_callback(self.proxy.stop)
-        kubeconfig = write_kubeconfig(self.workdir / "kubeconfig", url, NAMESPACE)
+        self.kubeconfig = kubeconfig = write_kubeconfig(self.workdir / "kubeconfig", url, NAMESPACE)
         env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
         env.update(
             KUBECONFIG=str(kubeconfig),
@@ -93,6 +93,7 @@ class Cluster:
             KVPILOT_SLO_REFRESH_SECONDS="2",
             KVPILOT_SLO_WINDOW_SECONDS="30",
             KVPILOT_SCRAPE_INTERVAL_SECONDS=str(SCRAPE_INTERVAL_S),
+            KVPILOT_PROMETHEUS_URL=self.prometheus.url,  # the operator's own: a user's spec may not pick one
         )
         self.operator = OperatorProcess(env, self.workdir / "operator.log")
         self.operator.start()

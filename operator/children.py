@@ -17,6 +17,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "kvpilot"}
 INDEXED: dict[str, tuple[str, str]] = {
     "Deployment": ("deployments.v1.apps", "deployment_index"),
     "Service": ("services.v1", "service_index"),
+    "ServiceAccount": ("serviceaccounts.v1", "serviceaccount_index"),
     "ConfigMap": ("configmaps.v1", "configmap_index"),
     "PodDisruptionBudget": ("poddisruptionbudgets.v1.policy", "pdb_index"),
     "ServiceMonitor": ("servicemonitors.v1.monitoring.coreos.com", "servicemonitor_index"),

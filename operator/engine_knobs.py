@@ -75,17 +75,22 @@ def knobs_model(name: str, base: type[BaseModel], doc: str) -> type[BaseModel]:
 EngineKnobs = knobs_model("EngineKnobs", _CamelModel, "The engine knobs a revision runs with.")
 
 
-def set_knobs(engine: BaseModel) -> dict[str, Any]:
-    """The knobs set in `engine` (an EngineSpec or EngineKnobs), snake_case."""
-    return {k: getattr(engine, k) for k in knob_names() if getattr(engine, k) is not None}
+def _defaults() -> dict[str, Any]:
+    return {k: EngineConfig.model_fields[k].get_default(call_default_factory=True) for k in knob_names()}
+
+
+def chosen_knobs(engine: BaseModel) -> dict[str, Any]:
+    """The knobs of `engine` (an EngineSpec or EngineKnobs) that differ from the engine's defaults, snake_case:
+    setting a knob to its default is the same configuration as leaving it unset."""
+    defaults = _defaults()
+    return {k: v for k in knob_names() if (v := getattr(engine, k)) is not None and v != defaults[k]}
 
 
 def effective_knobs(engine: BaseModel) -> dict[str, Any]:
-    """Every knob's value as the engine will run it: the set ones, else EngineConfig's defaults."""
-    defaults = {k: EngineConfig.model_fields[k].get_default(call_default_factory=True) for k in knob_names()}
-    return {**defaults, **set_knobs(engine)}
+    """Every knob's value as the engine will run it: the chosen ones, else EngineConfig's defaults."""
+    return {**_defaults(), **chosen_knobs(engine)}
 
 
 def knob_args(engine: BaseModel) -> list[str]:
-    """`kvpilot serve` flags for the knobs that were set (`--max-num-seqs=64`)."""
-    return to_flags(set_knobs(engine))
+    """`kvpilot serve` flags for the chosen knobs (`--max-num-seqs=64`)."""
+    return to_flags(chosen_knobs(engine))

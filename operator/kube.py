@@ -35,13 +35,15 @@ class Kind:
 CONFIG_MAP = Kind("v1", "ConfigMap", "configmaps")
 SERVICE = Kind("v1", "Service", "services")
 SECRET = Kind("v1", "Secret", "secrets")
+SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
 DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 JOB = Kind("batch/v1", "Job", "jobs")
 POD = Kind("v1", "Pod", "pods")
 PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 SERVICE_MONITOR = Kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors")
 INFERENCE_SERVICE = Kind("kvpilot.dev/v1alpha1", "InferenceService", "inferenceservices")
-KINDS = {k.kind: k for k in (CONFIG_MAP, SERVICE, DEPLOYMENT, JOB, POD, PDB, SERVICE_MONITOR, INFERENCE_SERVICE)}
+KINDS = {k.kind: k for k in (CONFIG_MAP, SERVICE, SERVICE_ACCOUNT, DEPLOYMENT, JOB, POD, PDB, SERVICE_MONITOR,
+                              INFERENCE_SERVICE)}
 
 
 class ApiError(Exception):

@@ -16,6 +16,7 @@ import json
 import math
 from typing import Any
 
+from kvpilot.operator.resources import restricted_pod
 from kvpilot.operator.spec import InferenceServiceSpec, LengthDistribution, WorkloadSpec
 from pydantic import BaseModel, Field
 
@@ -83,7 +84,7 @@ def load_job(name: str, namespace: str, spec: InferenceServiceSpec, revision: st
         env.append({"name": "KVPILOT_API_KEY", "valueFrom": {"secretKeyRef": key_ref}})
     container = {
         "name": "load", "image": spec.engine.image, "command": ["kvpilot"], "args": args, "env": env,
-        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
         "terminationMessagePath": SUMMARY_PATH, "terminationMessagePolicy": "File",
     }
     return {
@@ -98,7 +99,7 @@ def load_job(name: str, namespace: str, spec: InferenceServiceSpec, revision: st
             "activeDeadlineSeconds": int(seconds + REQUEST_TIMEOUT_S + 60),
             "template": {
                 "metadata": {"labels": job_labels(name, revision)},
-                "spec": {"restartPolicy": "Never", "containers": [container]},
+                "spec": restricted_pod(name, {"restartPolicy": "Never", "containers": [container]}),
             },
         },
     }

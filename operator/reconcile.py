@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from kvpilot.operator import policy, rollout
 from kvpilot.operator import resources as res
-from kvpilot.operator import rollout
 from kvpilot.operator.apply import Applier, conflict_error
 from kvpilot.operator.children import Children
 from kvpilot.operator.config import OperatorConfig
@@ -24,7 +24,7 @@ from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
 from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
 from kvpilot.operator.tuning import TuningDriver, effective_spec, load_study, trial_revision
 from kvpilot.operator.verify import CheckResult, judge_slo, read_slo_window, smoke_completion
-from kvpilot.tuner.metrics import Prometheus, PrometheusError
+from kvpilot.tuner.metrics import PrometheusError
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,12 @@ class LiveChecks:
         return smoke_completion(url, self.spec, self._api_key())
 
     def slo_window(self, revision: str, seconds: float) -> CheckResult | None:
-        prometheus = self.spec.monitoring.prometheus_url
-        if prometheus is None:
+        prom = policy.prometheus(self.spec, self.config)
+        if prom is None:
             return None
         labels = res.series_labels(self.applier.namespace, self.name, revision)
         try:
-            observation = read_slo_window(Prometheus(prometheus), labels, revision, seconds)
+            observation = read_slo_window(prom, labels, revision, seconds)
         except PrometheusError as exc:
             return CheckResult(ok=False, reason="PrometheusUnavailable", message=str(exc))
         return judge_slo(observation, self.spec.slo, check_throughput=False)
@@ -118,8 +118,9 @@ def _observe_slo(
 ) -> Part:
     """Read the live revision's SLO window every slo_refresh_seconds; skipped without a prometheusUrl."""
     part = Part()
-    if spec.monitoring.prometheus_url is None or active is None:
-        part.condition("SLOMet", None, "NotMeasured", "no spec.monitoring.prometheusUrl")
+    prom = policy.prometheus(spec, config)
+    if prom is None or active is None:
+        part.condition("SLOMet", None, "NotMeasured", "no Prometheus: the operator's, or spec.monitoring.prometheusUrl")
         return part
     last = previous.slo
     fresh = last is not None and (at - last.observed_at).total_seconds() < config.slo_refresh_seconds
@@ -127,8 +128,7 @@ def _observe_slo(
         return part
     labels = res.series_labels(namespace, name, active)
     try:
-        observation = read_slo_window(Prometheus(spec.monitoring.prometheus_url), labels, active,
-                                      config.slo_window_seconds)
+        observation = read_slo_window(prom, labels, active, config.slo_window_seconds)
     except PrometheusError as exc:
         part.condition("SLOMet", None, "PrometheusUnavailable", str(exc))
         return part
@@ -142,13 +142,22 @@ def _observe_slo(
     return part
 
 
-def _invalid_spec(status: InferenceServiceStatus, message: str) -> Part:
+def _invalid_spec(status: InferenceServiceStatus, message: str, reason: str = "InvalidSpec") -> Part:
     part = Part(phase="Failed" if status.active_revision is None else "Degraded")
     previous = status.condition("Ready")
-    if previous is None or (previous.reason, previous.message) != ("InvalidSpec", message):
-        part.events.append(Event("Warning", "InvalidSpec", message))  # once per distinct problem
-    part.condition("Ready", False, "InvalidSpec", message)
+    if previous is None or (previous.reason, previous.message) != (reason, message):
+        part.events.append(Event("Warning", reason, message))  # once per distinct problem
+    part.condition("Ready", False, reason, message)
     return part
+
+
+def _policy_violations(client: KubeClient, namespace: str, spec: InferenceServiceSpec,
+                       config: OperatorConfig) -> list[str]:
+    problems = policy.violations(spec, config)
+    if spec.engine.api_key_secret and config.read_secrets:
+        secret = client.get(SECRET, namespace, spec.engine.api_key_secret)
+        problems += [p for p in [policy.secret_violation(spec.engine.api_key_secret, secret)] if p]
+    return problems
 
 
 def _write_status(client: KubeClient, body: dict[str, Any], status: InferenceServiceStatus) -> bool:
@@ -185,12 +194,18 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
         status, events = reduce(previous, {"spec": _invalid_spec(previous, spec_error_message(exc))}, generation)
         _finish(client, body, status, events, emit)
         return
+    problems = _policy_violations(client, namespace, spec, config)
+    if problems:  # what the operator's configuration does not allow: nothing is created or changed
+        part = _invalid_spec(previous, "; ".join(problems), "PolicyViolation")
+        status, events = reduce(previous, {"spec": part}, generation)
+        _finish(client, body, status, events, emit)
+        return
     applier = Applier(client, body, Children(indexes, namespace, name), emit)
     study, basis = load_study(applier, name)
     spec = effective_spec(spec, study)
     desired = res.revision_of(spec)
     checks = LiveChecks(applier, spec, name, config)
-    slo_checks = spec.monitoring.prometheus_url is not None
+    slo_checks = policy.prometheus_url(spec, config) is not None
     parts = {"rollout": rollout.advance(previous, spec, desired, checks, at, slo_checks)}
     after_rollout = apply(previous, parts, generation)  # what tuning and the children follow
     tuning = TuningDriver(applier, name, body["metadata"].get("uid", name), user_spec, config, study, basis)

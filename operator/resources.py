@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from kvpilot.engine.flags import to_flags
-from kvpilot.operator.engine_knobs import knob_args
+from kvpilot.operator.engine_knobs import chosen_knobs, knob_args, knob_names
 from kvpilot.operator.spec import InferenceServiceSpec
 
 PORT = 8000
@@ -32,8 +32,11 @@ QUANTITY_SUFFIXES = {
 
 
 def _revision_inputs(spec: InferenceServiceSpec) -> dict[str, Any]:
-    """Unset fields are left out, so a knob added to the engine later does not move existing revisions."""
-    return spec.model_dump(mode="json", by_alias=True, include={"model", "engine", "resources"}, exclude_none=True)
+    """Unset fields are left out and knobs count only where they differ from the engine's defaults (as the pod's
+    arguments do), so a knob added to the engine later, or set to its default, moves no revision."""
+    engine = spec.engine.model_copy(update={k: None for k in knob_names() if k not in chosen_knobs(spec.engine)})
+    inputs = spec.model_copy(update={"engine": engine})
+    return inputs.model_dump(mode="json", by_alias=True, include={"model", "engine", "resources"}, exclude_none=True)
 
 
 def revision_of(spec: InferenceServiceSpec) -> str:
@@ -109,10 +112,48 @@ def engine_args(spec: InferenceServiceSpec, revision: str, model_path: str) -> l
     return [*to_flags(own), *knob_args(spec.engine), *server, *spec.engine.extra_args]
 
 
+# The Kubernetes "restricted" Pod Security Standard, for engine and load-Job pods alike: non-root (the images
+# run as UID 10001), no privilege escalation, no capabilities, the runtime's default seccomp profile, and a
+# read-only root filesystem with an emptyDir for what the process writes (/tmp: kernel caches, logs).
+RUN_AS_USER = 10001
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+}
+SCRATCH_VOLUME = {"name": "tmp", "emptyDir": {}}
+SCRATCH_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
+SCRATCH_ENV = [{"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"}, {"name": "HF_HOME", "value": "/tmp/hf"}]
+
+
+def service_account_name(name: str) -> str:
+    return f"{name}-engine"
+
+
+def service_account(name: str, namespace: str) -> dict[str, Any]:
+    """The engine's and load Jobs' own identity: granted nothing, and its token is never mounted."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+            "metadata": {"name": service_account_name(name), "namespace": namespace, "labels": base_labels(name)}}
+
+
+def restricted_pod(name: str, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """`pod_spec` under the restricted standard, with the InferenceService's ServiceAccount and no token."""
+    for container in pod_spec["containers"]:
+        container["securityContext"] = dict(CONTAINER_SECURITY_CONTEXT)
+        container["volumeMounts"] = [*container.get("volumeMounts", []), SCRATCH_MOUNT]
+        container["env"] = [*container.get("env", []), *SCRATCH_ENV]
+    return {**pod_spec, "securityContext": dict(POD_SECURITY_CONTEXT),
+            "serviceAccountName": service_account_name(name), "automountServiceAccountToken": False,
+            "volumes": [*pod_spec.get("volumes", []), SCRATCH_VOLUME]}
+
+
 def _container_resources(spec: InferenceServiceSpec) -> dict[str, Any]:
     r = spec.resources
     requests: dict[str, Any] = {"cpu": str(r.cpu), "memory": str(r.memory)}
-    limits: dict[str, Any] = {"memory": str(r.memory)}
+    limits: dict[str, Any] = {"cpu": str(r.cpu), "memory": str(r.memory)}
     if r.gpus_per_replica:
         requests["nvidia.com/gpu"] = str(r.gpus_per_replica)
         limits["nvidia.com/gpu"] = str(r.gpus_per_replica)
@@ -166,7 +207,7 @@ def pod_template(name: str, spec: InferenceServiceSpec, revision: str) -> dict[s
     }
     if spec.resources.affinity:
         pod_spec["affinity"] = spec.resources.affinity
-    return {"metadata": {"labels": revision_labels(name, revision)}, "spec": pod_spec}
+    return {"metadata": {"labels": revision_labels(name, revision)}, "spec": restricted_pod(name, pod_spec)}
 
 
 def deployment(name: str, namespace: str, spec: InferenceServiceSpec, revision: str) -> dict[str, Any]:
@@ -280,8 +321,10 @@ def pod_disruption_budget(name: str, namespace: str) -> dict[str, Any]:
 def shared_children(
     name: str, namespace: str, stable_revision: str, preview_revision: str, service_monitors: bool
 ) -> list[dict[str, Any]]:
-    """Children that outlive revisions: Services (stable, preview, metrics), PDB, ServiceMonitor."""
+    """Children that outlive revisions: the ServiceAccount, Services (stable, preview, metrics), PDB,
+    ServiceMonitor."""
     children = [
+        service_account(name, namespace),
         service(name, namespace, name, stable_revision, "stable"),
         service(name, namespace, preview_service_name(name), preview_revision, "preview"),
         metrics_service(name, namespace, scrape_annotations=not service_monitors),

@@ -38,7 +38,10 @@ def _preserve(kind: str) -> dict[str, Any]:
 
 
 class ModelSpec(CRDModel):
-    name: str = Field(min_length=1, max_length=128, description="Name clients send as `model`.")
+    name: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="Name clients send as `model`: letters, digits and . _ : / -, not starting with a sign.",
+    )
     uri: str = Field(
         pattern=MODEL_URI_PATTERN,
         description="Where the weights live: pvc://claim/path, hostpath:///dir, an absolute directory "

@@ -31,6 +31,7 @@ from kvpilot.operator.load_job import (
     num_prompts,
     terminated,
 )
+from kvpilot.operator.policy import prometheus_url
 from kvpilot.operator.reducer import Event, Part
 from kvpilot.operator.rollout import engine_config
 from kvpilot.operator.spec import InferenceServiceSpec
@@ -120,7 +121,7 @@ class TuningDriver:
         self.applier, self.name, self.spec, self.config = applier, name, spec, config
         self.stored, self.stored_basis = state, basis
         self.prefix = f"trial-{hashlib.sha256(uid.encode()).hexdigest()[:6]}"
-        self.prometheus = spec.monitoring.prometheus_url
+        self.prometheus = prometheus_url(spec, config)
         self.seen: dict[str, dict[str, Any] | None] = {}  # objects this pass already read, by kind/name
         self.changed = False  # the study moved this pass: children to create, or to clean up
 
@@ -141,8 +142,8 @@ class TuningDriver:
             part.events.append(Event("Warning", "TuningPromotionRolledBack", state.message))
         advanced = False
         if self.prometheus is None:
-            part.condition("Tuned", False, "PrometheusRequired", "tuning reads trial metrics from "
-                           "spec.monitoring.prometheusUrl")
+            part.condition("Tuned", False, "PrometheusRequired", "tuning reads trial metrics from Prometheus: the "
+                           "operator's (--prometheus-url), or spec.monitoring.prometheusUrl")
         elif status.active_revision is None or status.rollout is not None or status.phase != "Ready":
             if state.phase != "Done":
                 part.condition("Tuned", False, "Waiting", "tuning waits for the service to be Ready with no "
@@ -222,7 +223,8 @@ class TuningDriver:
 
     def _reader(self, revision: str) -> PrometheusReader:
         assert self.prometheus is not None
-        return PrometheusReader(self.prometheus, self._labels(revision), self.config.scrape_interval_seconds)
+        return PrometheusReader(self.prometheus, self._labels(revision), self.config.scrape_interval_seconds,
+                                self.config.prometheus_ca_bundle)
 
     def _get(self, kind: str, name: str) -> dict[str, Any] | None:
         key = f"{kind}/{name}"
@@ -262,7 +264,8 @@ class TuningDriver:
         slo = self.spec.slo
         targets = {TTFT: slo.ttft_p95_ms and slo.ttft_p95_ms / 1000, ITL: slo.itl_p95_ms and slo.itl_p95_ms / 1000}
         try:
-            return attainment(Prometheus(self.prometheus), self._labels(revision), targets,
+            return attainment(Prometheus(self.prometheus, self.config.prometheus_ca_bundle), self._labels(revision),
+                              targets,
                               self.config.slo_window_seconds)
         except PrometheusError as exc:  # no reading is no reason to re-tune
             log.warning("%s: attainment not readable: %s", self.name, exc)

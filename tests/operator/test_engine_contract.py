@@ -27,7 +27,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def test_engine_args_parse_with_the_engine_cli_into_the_knobs_the_spec_declares():
-    spec = parse_spec({**BASE_SPEC, "model": {"name": "-odd name", "uri": "demo"}, "engine": {
+    spec = parse_spec({**BASE_SPEC, "model": {"name": "org/model:v1", "uri": "demo"}, "engine": {
         "maxModelLen": 1024, "enablePrefixCaching": False, "drainTimeoutSeconds": 12, "blockSize": 32,
         "dtype": "float32", "extraArgs": ["--seed", "3"]}})
     argv = res.engine_args(spec, "abc123", "demo")
@@ -35,7 +35,7 @@ def test_engine_args_parse_with_the_engine_cli_into_the_knobs_the_spec_declares(
     args = _serve_parser().parse_args(argv)
     assert args.port == res.PORT and args.host == "0.0.0.0" and args.drain_timeout == 12
     config = EngineConfig(**engine_values(args))
-    assert (config.model, config.revision, config.served_model_name) == ("demo", "abc123", "-odd name")
+    assert (config.model, config.revision, config.served_model_name) == ("demo", "abc123", "org/model:v1")
     knobs = config.model_dump(include=set(knob_names()))
     assert knobs == {**effective_knobs(spec.engine), "seed": 3}  # extraArgs come last and win
 

@@ -94,6 +94,7 @@ async def test_create_builds_children_and_becomes_ready(emulator, start_operator
 
 async def test_invalid_spec_sets_condition_and_creates_nothing(emulator, start_operator, api):
     em, _ = emulator
+    em.validation = False  # an API server that does not enforce the CRD's schema lets it through
     start_operator()
     await create(api, isvc("bad", engine={"gpuMemoryUtilization": 1.5}, model={"uri": "s3://bucket/llm"}))
     ready = await eventually(lambda: condition(em, "bad", "Ready"), what="Ready condition")
@@ -142,9 +143,10 @@ async def test_conflicts_are_retried(emulator, start_operator, api):
     assert served.count(("PATCH", "inferenceservices", "status")) == 2
 
 
-async def test_live_slo_is_read_from_prometheus(emulator, start_operator, api):
+async def test_live_slo_is_read_from_prometheus(emulator, start_operator, api, operator_config):
     em, _ = emulator
     prometheus = FakePrometheus({"time_to_first_token": "0.25", "inter_token": "0.08", "generation_tokens": "900"})
+    operator_config.allowed_prometheus_urls.append(prometheus.url)  # an admin's allow-list
     em.resources["monitoring.coreos.com/v1/servicemonitors"] = kmock.ResourceInfo(
         kind="ServiceMonitor", namespaced=True, verbs=["list", "get", "create", "patch", "delete"]
     )
@@ -162,7 +164,8 @@ async def test_live_slo_is_read_from_prometheus(emulator, start_operator, api):
         status = isvc_status(em, "llm")
         assert status["ttftP95Ms"] == 250.0 and status["tokensPerSecond"] == 900.0  # printer columns
         assert status["slo"]["revision"] == revision
-        assert any(f'revision="{revision}"' in q for q in prometheus.queries)
+        assert any(f'{{inferenceservice="llm",namespace="default",revision="{revision}"}}' in q
+                   for q in prometheus.queries)
         # With the Prometheus operator's CRD present: a ServiceMonitor, and no scrape annotations.
         monitor = em.find("servicemonitors", NAMESPACE, "llm")
         assert monitor["spec"]["selector"]["matchLabels"]["kvpilot.dev/role"] == "metrics"
@@ -170,3 +173,16 @@ async def test_live_slo_is_read_from_prometheus(emulator, start_operator, api):
         assert not [a for a in annotations if a.startswith("prometheus.io/")]
     finally:
         prometheus.close()
+
+
+async def test_an_inference_service_may_not_mount_the_node(emulator, start_operator, api):
+    """Before: `hostpath:////` became a Deployment mounting the node's root (and its /etc/kubernetes/pki)."""
+    em, _ = emulator
+    start_operator()
+    await create(api, isvc("root", model={"name": "m", "uri": "hostpath:////"}))
+    ready = await eventually(lambda: condition(em, "root", "Ready"), what="Ready condition")
+    assert (ready["status"], ready["reason"]) == ("False", "PolicyViolation")
+    assert "hostpath:// models are off" in ready["message"]
+    await wait_passes(em, "root", 3)
+    assert not deployment_names(em) and not em.all("services", NAMESPACE)
+    assert event_reasons(em, "root").count("PolicyViolation") == 1

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from kvpilot.engine.config import EngineConfig
 from kvpilot.operator.config import OperatorConfig
 
 from .conftest import NAMESPACE, isvc
@@ -65,9 +66,14 @@ class SurfacePrometheus(FakePrometheus):
 
 
 def _arg(args: list[str], flag: str) -> str:
-    """`--flag=value` (the engine's arguments) or `--flag value` (the load generator's)."""
+    """`--flag=value` (the engine's arguments; absent: the engine's default) or `--flag value` (the load
+    generator's)."""
     joined = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
-    return joined[0] if joined else args[args.index(flag) + 1]
+    if joined:
+        return joined[0]
+    if flag in args:
+        return args[args.index(flag) + 1]
+    return str(EngineConfig.model_fields[flag.removeprefix("--").replace("-", "_")].default)
 
 
 class Controllers:
@@ -167,8 +173,9 @@ async def controllers(api, emulator, surface) -> AsyncIterator[Controllers]:
 
 
 @pytest.fixture()
-def operator_config(pods: PodDouble) -> OperatorConfig:
-    return OperatorConfig(resync_seconds=0.2, service_url_template=pods.url_template, scrape_interval_seconds=0.05)
+def operator_config(pods: PodDouble, surface: SurfacePrometheus) -> OperatorConfig:
+    return OperatorConfig(resync_seconds=0.2, service_url_template=pods.url_template, scrape_interval_seconds=0.05,
+                          allowed_prometheus_urls=[surface.url])
 
 
 def tuned_isvc(prometheus_url: str) -> dict[str, Any]:

@@ -20,6 +20,8 @@ def test_revision_follows_the_pod_template_inputs_only():
     assert res.revision_of(spec(model={**BASE_SPEC["model"], "revision": "r2"})) != base
     assert res.revision_of(spec(engine={**BASE_SPEC["engine"], "maxNumSeqs": 8})) != base
     assert res.revision_of(spec(engine={**BASE_SPEC["engine"], "image": "other:1"})) != base
+    # A knob set to the engine's default is the configuration the engine runs anyway.
+    assert res.revision_of(spec(engine={**BASE_SPEC["engine"], "maxNumSeqs": 256, "tensorParallelSize": 1})) == base
     # Scaling, SLOs and rollout settings are not a new revision.
     assert res.revision_of(spec(replicas=3)) == base
     assert res.revision_of(spec(slo={"ttftP95Ms": 100})) == base
@@ -71,7 +73,7 @@ def test_hostpath_and_image_directory_models():
     host = res.pod_template("a", spec(model={"name": "m", "uri": "hostpath:///data/m"}), "r")["spec"]
     assert next(v for v in host["volumes"] if v["name"] == "model")["hostPath"]["path"] == "/data/m"
     image = res.pod_template("a", spec(model={"name": "m", "uri": "/opt/models/m"}), "r")["spec"]
-    assert [v["name"] for v in image["volumes"]] == ["dshm"]
+    assert [v["name"] for v in image["volumes"]] == ["dshm", "tmp"]
     assert image["containers"][0]["args"][0] == "--model=/opt/models/m"
 
 
