@@ -11,6 +11,7 @@ template, and orphaning as the default on DELETE. The operator's tests extend it
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import itertools
 import json
@@ -70,6 +71,7 @@ class ApiServer(kmock.KubernetesEmulator):
         )
         self._rv = itertools.count(1)
         self.validation = True  # the CRD's structural schema on writes; off, like a cluster that skips it
+        self.calls: collections.Counter[tuple[str, str, str, str]] = collections.Counter()  # (agent, group, res, verb)
 
     def _live(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         for (resource, ns, obj_name), obj in self.objects.items():
@@ -87,6 +89,7 @@ class ApiServer(kmock.KubernetesEmulator):
         if request.url.path in document:
             return aiohttp.web.json_response(document[request.url.path]())
         warnings: list[str] = []
+        self._count(request)
         if request.resource is not None:
             if request.action == enums.action.UPDATE and _is_apply(request):
                 applied = self._apply(request)
@@ -127,6 +130,22 @@ class ApiServer(kmock.KubernetesEmulator):
         for warning in warnings:
             response.headers.add("Warning", f'299 - "{warning}"')
         return response
+
+    def _count(self, request: kmock.Request) -> None:
+        """The API calls each client made, as RBAC names them (an apply that creates is also a create)."""
+        if request.resource is None or request.resource.plural is None:  # discovery: open to every client
+            return
+        agent = request.headers.get("User-Agent", "").split("/", 1)[0]
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        method = request.method.value
+        if method == "GET":
+            verb = "watch" if request.params.get("watch") in ("true", "1") else "get" if request.name else "list"
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method)
+        self.calls[(agent, request.resource.group or "", resource, verb)] += 1
+        if _is_apply(request) and request.subresource is None and request.name is not None \
+                and self._live(request.resource.plural, request.namespace or "", request.name) is None:
+            self.calls[(agent, request.resource.group or "", resource, "create")] += 1
 
     def _admitted(self, request: kmock.Request) -> bool:
         """Writes to an InferenceService's main resource go through the CRD's structural schema."""

@@ -16,6 +16,7 @@ from kvpilot.operator.resources import LABEL_REVISION, deployment_name
 
 from e2e.cluster import Cluster, condition, wait_for
 from e2e.kubectl import kubectl_scenario
+from e2e.rbac import rbac_result
 from e2e.report import Result, first_failure
 from e2e.traffic import Outcome, SteadyClient, burst
 
@@ -354,6 +355,10 @@ class Scenarios:
     async def kubectl(self) -> Result:
         return await kubectl_scenario(self.c, self.spec, READY_TIMEOUT_S)
 
+    async def rbac(self) -> Result:
+        """Last: every call the operator made in the run is in."""
+        return rbac_result(self.c.api.calls)
+
     def all(self) -> list[Callable[[], Awaitable[Result]]]:
         return [
             self.ready,
@@ -364,4 +369,5 @@ class Scenarios:
             self.pod_killed,
             self.overload,
             self.kubectl,
+            self.rbac,
         ]

@@ -22,6 +22,7 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
 
 FIELD_MANAGER = "kvpilot"
+USER_AGENT = "kvpilot-operator"
 DISCOVERY_TTL_S = 300.0  # a ServiceMonitor CRD installed later is noticed within this
 
 
@@ -78,6 +79,7 @@ class KubeClient:
     def __init__(self, configuration: k8s_client.Configuration | None = None) -> None:
         self._cfg = configuration or _load_configuration()
         self._api = k8s_client.ApiClient(self._cfg)
+        self._api.user_agent = USER_AGENT  # the operator's requests, told apart from kopf's and anyone's
         self._dynamic: DynamicClient | None = None
         self._served: dict[Kind, tuple[bool, float]] = {}
 

@@ -22,7 +22,8 @@ from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, Ap
 from kvpilot.operator.reducer import Event, Part, apply, reduce
 from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
 from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
-from kvpilot.operator.tuning import TuningDriver, effective_spec, load_study, trial_revision
+from kvpilot.operator.tuning import TuningDriver, trial_revision
+from kvpilot.operator.tuning_study import effective_spec, load_study
 from kvpilot.operator.verify import CheckResult, judge_slo, read_slo_window, smoke_completion
 from kvpilot.tuner.metrics import PrometheusError
 from pydantic import ValidationError
