@@ -29,7 +29,9 @@ def granted(values: dict[str, Any] | None = None) -> set[tuple[str, str, str]]:
     """(apiGroup, resource, verb) of every rule in the chart's ClusterRoles, rendered with `values`."""
     rendered = helm_python.Chart.load(str(CHART)).render(values or {}, name="kvpilot", namespace="kvpilot-system")
     out = set()
-    for text in rendered.values():
+    for path, text in rendered.items():
+        if path.endswith("NOTES.txt"):
+            continue
         for doc in yaml.safe_load_all(text):
             if doc and doc.get("kind") == "ClusterRole":
                 for rule in doc["rules"]:

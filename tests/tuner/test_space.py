@@ -45,7 +45,7 @@ def test_overrides_narrow_and_pin_and_reject_unknown() -> None:
     with pytest.raises(ValueError, match="low <= high"):
         gpu_space().with_overrides({"max_num_seqs": {"min": 64, "max": 8}})
     with pytest.raises(ValueError, match="log-scale"):
-        Knob(name="x", kind="int", low=0, high=4, log=True)
+        Knob(name="max_num_seqs", kind="int", low=0, high=4, log=True)
 
 
 def test_suggest_stays_in_bounds_and_pins() -> None:
