@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import kmock
+from kvpilot.tuner.prometheus import free_port
 
 from e2e.apiserver import ApiServer, write_kubeconfig
 from e2e.jobs import JobController
 from e2e.kube import Kube
 from e2e.node import Node
-from e2e.pod import free_port
 from e2e.prometheus import SCRAPE_INTERVAL_S, Prometheus
 from e2e.proxy import ServiceProxy
 

@@ -13,23 +13,17 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from kvpilot.tuner.prometheus import free_port
 
 log = logging.getLogger(__name__)
 BACKOFF_CAP_S = 5.0
 MODEL_MOUNT = "/mnt/model"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from urllib.parse import parse_qs, urlparse
 import kopf
 from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.main import build_registry
+from kvpilot.tuner.prometheus import free_port
 
 
 class OperatorThread:
@@ -175,9 +175,7 @@ class OperatorProcess:
     """`kvpilot operator` as its own process, as it runs in a cluster; kill() is SIGKILL, no goodbye."""
 
     def __init__(self, config: OperatorConfig, log_path: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.args = [
             sys.executable,
             "-m",
