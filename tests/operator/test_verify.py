@@ -83,3 +83,9 @@ class ForbiddenPrometheus(FakePrometheus):
             request.wfile.write(b"internal token s3cr3t")  # type: ignore[attr-defined]
 
         handler.do_GET = handler.do_POST = forbidden  # type: ignore[attr-defined]
+
+
+def test_tls_is_verified_and_a_ca_bundle_can_be_given():
+    """Before: PrometheusConnect(disable_ssl=True) everywhere."""
+    assert Prometheus("https://prometheus.example")._prom._session.verify is True
+    assert Prometheus("https://prometheus.example", "/etc/ca/bundle.pem")._prom._session.verify == "/etc/ca/bundle.pem"
