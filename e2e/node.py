@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from e2e.apiserver import selector_matches
+from e2e.crdapi import selector_matches
 from e2e.kube import ApiError, Kube
 from e2e.loop import ControllerLoop
 from e2e.pod import PodRunner
