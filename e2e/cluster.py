@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import kmock
+from kvpilot.tuner.prometheus import free_port
 
 from e2e.apiserver import ApiServer, write_kubeconfig
 from e2e.jobs import JobController
 from e2e.kube import Kube
 from e2e.node import Node
-from e2e.pod import free_port
 from e2e.prometheus import SCRAPE_INTERVAL_S, Prometheus
 from e2e.proxy import ServiceProxy
 
@@ -84,7 +84,7 @@ class Cluster:
         self.proxy = ServiceProxy(self.kube)
         await self.proxy.start()
         self._stack.push_async_callback(self.proxy.stop)
-        kubeconfig = write_kubeconfig(self.workdir / "kubeconfig", url, NAMESPACE)
+        self.kubeconfig = kubeconfig = write_kubeconfig(self.workdir / "kubeconfig", url, NAMESPACE)
         env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
         env.update(
             KUBECONFIG=str(kubeconfig),
@@ -93,6 +93,7 @@ class Cluster:
             KVPILOT_SLO_REFRESH_SECONDS="2",
             KVPILOT_SLO_WINDOW_SECONDS="30",
             KVPILOT_SCRAPE_INTERVAL_SECONDS=str(SCRAPE_INTERVAL_S),
+            KVPILOT_PROMETHEUS_URL=self.prometheus.url,  # the operator's own: a user's spec may not pick one
         )
         self.operator = OperatorProcess(env, self.workdir / "operator.log")
         self.operator.start()
@@ -103,7 +104,7 @@ class Cluster:
         await self._stack.__aexit__(*exc)
 
     def _on_pods(self, runners: list[Any]) -> None:
-        self.prometheus.write_targets(runners, self.node.revision)
+        self.prometheus.write_targets(runners, self.node.labels, NAMESPACE)
 
     async def isvc(self, name: str) -> dict[str, Any]:
         body = await self.kube.get("InferenceService", name)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from e2e.apiserver import selector_matches
+from e2e.crdapi import selector_matches
 from e2e.kube import ApiError, Kube
 from e2e.loop import ControllerLoop
 from e2e.pod import PodRunner
@@ -44,6 +44,7 @@ class Node(ControllerLoop):
         self.runners: dict[str, PodRunner] = {}
         self.owner: dict[str, str] = {}  # pod -> deployment
         self.revision: dict[str, str] = {}  # pod -> kvpilot.dev/revision label
+        self.labels: dict[str, dict[str, str]] = {}  # pod -> its labels (the scrape configuration reads them)
         self.hashes: dict[str, str] = {}  # pod -> template hash
         self._published: dict[str, Any] = {}
         self.terminating: list[PodRunner] = []  # deleted, still draining: Prometheus keeps scraping them
@@ -128,6 +129,7 @@ class Node(ControllerLoop):
         await self.kube.create("Pod", pod)
         self.runners[name], self.owner[name], self.hashes[name] = runner, meta["name"], current
         self.revision[name] = labels.get("kvpilot.dev/revision", "")
+        self.labels[name] = labels
         runner.start()
         log.info("pod %s: started on port %d", name, runner.port)
 

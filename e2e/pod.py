@@ -13,23 +13,17 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from kvpilot.tuner.prometheus import free_port
 
 log = logging.getLogger(__name__)
 BACKOFF_CAP_S = 5.0
 MODEL_MOUNT = "/mnt/model"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +61,18 @@ def container_command(container: dict[str, Any], volumes: list[dict[str, Any]], 
     }
     out: list[str] = []
     for i, arg in enumerate(args):
-        previous = args[i - 1] if i else ""
-        if previous == "--port" and port is not None:
-            arg = str(port)
-        elif previous == "--host" and port is not None:
-            arg = "127.0.0.1"
-        elif previous == "--model":
+        flag, joined, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if not joined:  # `--flag value`: the value is this argument, the flag the one before
+            flag, value = (args[i - 1] if i else ""), arg
+        if flag == "--port" and port is not None:
+            value = str(port)
+        elif flag == "--host" and port is not None:
+            value = "127.0.0.1"
+        elif flag == "--model":
             for mount, host in mounts.items():
-                if arg == mount or arg.startswith(mount + "/"):
-                    arg = host + arg[len(mount) :]
-        out.append(arg)
+                if value == mount or value.startswith(mount + "/"):
+                    value = host + value[len(mount) :]
+        out.append(f"{flag}={value}" if joined else value)
     return [sys.executable, "-m", "kvpilot", *command[1:], *out]
 
 

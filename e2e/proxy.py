@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import aiohttp.web
 
-from e2e.apiserver import selector_matches
+from e2e.crdapi import selector_matches
 from e2e.kube import ApiError, Kube
 from e2e.node import PORT_ANNOTATION
 

@@ -15,6 +15,8 @@ from typing import Any
 from kvpilot.operator.resources import LABEL_REVISION, deployment_name
 
 from e2e.cluster import Cluster, condition, wait_for
+from e2e.kubectl import kubectl_scenario
+from e2e.rbac import rbac_result
 from e2e.report import Result, first_failure
 from e2e.traffic import Outcome, SteadyClient, burst
 
@@ -45,7 +47,7 @@ TUNING: dict[str, Any] = {
 REFUSAL_LIMIT_S = 10.0  # a refusal must come fast; only contention on 2 shared cores makes it take seconds
 
 
-def base_spec(prometheus_url: str) -> dict[str, Any]:
+def base_spec() -> dict[str, Any]:
     return {
         "model": {"name": MODEL, "uri": "demo", "revision": "r1"},
         "engine": {
@@ -63,14 +65,14 @@ def base_spec(prometheus_url: str) -> dict[str, Any]:
             "scaleDownDelaySeconds": 2,
             "verify": {"timeoutSeconds": 10, "smokeMaxTokens": 4},
         },
-        "monitoring": {"serviceMonitor": False, "prometheusUrl": prometheus_url},
+        "monitoring": {"serviceMonitor": False},  # measured with the operator's Prometheus
     }
 
 
 class Scenarios:
     def __init__(self, cluster: Cluster, client: SteadyClient) -> None:
         self.c, self.client = cluster, client
-        self.spec = base_spec(cluster.prometheus.url)
+        self.spec = base_spec()
 
     async def _detail(self) -> str:
         status = await self.c.status(NAME)
@@ -195,7 +197,8 @@ class Scenarios:
             f"{tuning.get('trialsRun')} trials; best {serving}: {best.get('goodputTokensPerSecond')} tok/s, "
             f"TTFT p95 {best.get('ttftP95Ms')} ms, ITL p95 {best.get('itlP95Ms')} ms; "
             f"{'promoted ' + old + ' -> ' + active if active != old else 'the serving configuration was best'}; "
-            f"pinned without a rollout: {after.get('activeRevision') == active}" + first_failure(failures)
+            f"pinned without a rollout: {after.get('activeRevision') == active}; best config {best.get('config')}"
+            + first_failure(failures)
         )
         return result
 
@@ -349,6 +352,13 @@ class Scenarios:
         )
         return result
 
+    async def kubectl(self) -> Result:
+        return await kubectl_scenario(self.c, self.spec, READY_TIMEOUT_S)
+
+    async def rbac(self) -> Result:
+        """Last: every call the operator made in the run is in."""
+        return rbac_result(self.c.api.calls)
+
     def all(self) -> list[Callable[[], Awaitable[Result]]]:
         return [
             self.ready,
@@ -358,4 +368,6 @@ class Scenarios:
             self.operator_restart,
             self.pod_killed,
             self.overload,
+            self.kubectl,
+            self.rbac,
         ]

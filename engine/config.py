@@ -1,7 +1,10 @@
 """Engine and sampling configuration: the tuner's knobs, with vLLM's names and meanings.
 
 Both are pydantic models so a bad value fails at the edge with an error naming the field,
-whether it came from Python, the CLI, an HTTP request or an InferenceService spec.
+whether it came from Python, the CLI, an HTTP request or an InferenceService spec. EngineConfig declares
+each engine knob once: `kvpilot serve/generate/tune` flags (engine/flags.py), the CRD's `spec.engine`
+and the pod arguments (operator/engine_knobs.py) are derived from its fields, so every field needs a
+description (it becomes the flag's help and the CRD's `kubectl explain` text).
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ class EngineConfig(BaseModel):
     model: str = Field(description="Hugging Face model directory, or 'demo' for the embedded demo model")
     revision: str = Field(default="local", description="model revision label reported in metrics")
     served_model_name: str | None = Field(default=None, description="name clients use; default: model")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="weights and activations; auto: the checkpoint's 16-bit type on GPU, float32 on CPU"
+    )
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        default="auto", description="dummy: random weights in the checkpoint's shapes (benchmarks)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when one is visible")
+    seed: int = Field(default=0, description="seed of the random weights and of unseeded sampling")
 
     block_size: int = Field(default=16, ge=1, le=1024, description="tokens per KV-cache block")
     gpu_memory_utilization: float = Field(
@@ -42,9 +49,11 @@ class EngineConfig(BaseModel):
         default=0.5, gt=0.0, le=1.0,
         description="most of max_num_seqs and of a step's token budget that one request may hold while others wait",
     )
-    enable_prefix_caching: bool = True
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    enable_prefix_caching: bool = Field(default=True, description="reuse the KV blocks of shared prompt prefixes")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one replica's model is split across")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        default="auto", description="auto: Triton kernels on CUDA, the PyTorch reference on CPU"
+    )
     enforce_eager: bool = Field(default=False, description="never capture CUDA graphs")
     async_scheduling: bool = Field(
         default=True, description="prepare the next step on the CPU while the GPU runs this one (outputs unchanged)"

@@ -26,6 +26,14 @@ class Crds(_Values):
     install: bool = True
 
 
+class PrometheusValues(_Values):
+    url: str = Field(default="", description="The Prometheus every InferenceService is measured with.")
+    allowedUrls: list[str] = Field(
+        default_factory=list, description="Other URLs an InferenceService may name in spec.monitoring.prometheusUrl."
+    )
+    caBundle: str = Field(default="", description="Path of a CA bundle (mounted by you) for an https Prometheus.")
+
+
 class OperatorValues(_Values):
     watchNamespaces: list[str] = Field(default_factory=list)
     resyncSeconds: float = Field(default=10, gt=0)
@@ -34,6 +42,13 @@ class OperatorValues(_Values):
     )
     serviceUrlTemplate: str = Field(default="http://{name}.{namespace}.svc:{port}", pattern=r"\{name\}")
     logLevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    allowedHostPaths: list[str] = Field(
+        default_factory=list, description="Node directories hostpath:// models may mount; empty: hostPath is off."
+    )
+    allowedImageRegistries: list[str] = Field(
+        default_factory=list, description="Image prefixes InferenceServices may run (ghcr.io/kvpilot/); empty: any."
+    )
+    prometheus: PrometheusValues = Field(default_factory=PrometheusValues)
     resources: dict[str, Any] = Field(default_factory=dict)
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
@@ -48,7 +63,10 @@ class ServiceAccount(_Values):
 
 class Rbac(_Values):
     create: bool = True
-    readSecrets: bool = True
+    readSecrets: bool = Field(
+        default=False, description="Honour engine.apiKeySecret: the operator may read Secrets labelled "
+        "kvpilot.dev/api-key=true (namespaced RoleBindings when watchNamespaces is set)."
+    )
 
 
 class ServiceMonitor(_Values):

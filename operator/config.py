@@ -22,6 +22,25 @@ class OperatorConfig(BaseModel):
         default=15.0, gt=0, description="Prometheus's scrape interval: trial windows are read a scrape after they end."
     )
     namespaces: list[str] = Field(default_factory=list, description="Watched namespaces; empty: cluster-wide.")
+    allowed_host_paths: list[str] = Field(
+        default_factory=list, description="Node directories hostpath:// models may mount (prefixes); empty: none."
+    )
+    allowed_image_registries: list[str] = Field(
+        default_factory=list, description="Image prefixes engine and load pods may run, e.g. ghcr.io/kvpilot/; "
+        "empty: any image."
+    )
+    prometheus_url: str | None = Field(
+        default=None, pattern=r"^https?://.+", description="The Prometheus every InferenceService is measured with."
+    )
+    allowed_prometheus_urls: list[str] = Field(
+        default_factory=list, description="Other Prometheus URLs an InferenceService may name in "
+        "spec.monitoring.prometheusUrl; a URL not listed is refused."
+    )
+    prometheus_ca_bundle: str | None = Field(default=None, description="CA bundle for an https Prometheus.")
+    read_secrets: bool = Field(
+        default=False, description="Whether engine.apiKeySecret is honoured (the operator reads the Secret, which "
+        "must carry the label kvpilot.dev/api-key=true)."
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> OperatorConfig:
@@ -31,7 +50,13 @@ class OperatorConfig(BaseModel):
             "slo_refresh_seconds": os.environ.get("KVPILOT_SLO_REFRESH_SECONDS"),
             "slo_window_seconds": os.environ.get("KVPILOT_SLO_WINDOW_SECONDS"),
             "scrape_interval_seconds": os.environ.get("KVPILOT_SCRAPE_INTERVAL_SECONDS"),
-            "namespaces": [n for n in os.environ.get("KVPILOT_NAMESPACES", "").split(",") if n] or None,
+            "namespaces": _listed("KVPILOT_NAMESPACES"),
+            "allowed_host_paths": _listed("KVPILOT_ALLOWED_HOST_PATHS"),
+            "allowed_image_registries": _listed("KVPILOT_ALLOWED_IMAGE_REGISTRIES"),
+            "prometheus_url": os.environ.get("KVPILOT_PROMETHEUS_URL"),
+            "allowed_prometheus_urls": _listed("KVPILOT_ALLOWED_PROMETHEUS_URLS"),
+            "prometheus_ca_bundle": os.environ.get("KVPILOT_PROMETHEUS_CA_BUNDLE"),
+            "read_secrets": os.environ.get("KVPILOT_READ_SECRETS"),
         }
         values = {k: v for k, v in env.items() if v is not None}
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -39,3 +64,7 @@ class OperatorConfig(BaseModel):
 
     def service_url(self, name: str, namespace: str, port: int) -> str:
         return self.service_url_template.format(name=name, namespace=namespace, port=port).rstrip("/")
+
+
+def _listed(variable: str) -> list[str] | None:
+    return [item for item in os.environ.get(variable, "").split(",") if item] or None

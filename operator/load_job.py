@@ -16,6 +16,7 @@ import json
 import math
 from typing import Any
 
+from kvpilot.operator.resources import restricted_pod
 from kvpilot.operator.spec import InferenceServiceSpec, LengthDistribution, WorkloadSpec
 from pydantic import BaseModel, Field
 
@@ -83,7 +84,7 @@ def load_job(name: str, namespace: str, spec: InferenceServiceSpec, revision: st
         env.append({"name": "KVPILOT_API_KEY", "valueFrom": {"secretKeyRef": key_ref}})
     container = {
         "name": "load", "image": spec.engine.image, "command": ["kvpilot"], "args": args, "env": env,
-        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
         "terminationMessagePath": SUMMARY_PATH, "terminationMessagePolicy": "File",
     }
     return {
@@ -98,7 +99,7 @@ def load_job(name: str, namespace: str, spec: InferenceServiceSpec, revision: st
             "activeDeadlineSeconds": int(seconds + REQUEST_TIMEOUT_S + 60),
             "template": {
                 "metadata": {"labels": job_labels(name, revision)},
-                "spec": {"restartPolicy": "Never", "containers": [container]},
+                "spec": restricted_pod(name, {"restartPolicy": "Never", "containers": [container]}),
             },
         },
     }
@@ -121,6 +122,12 @@ def finished(job: dict[str, Any]) -> tuple[bool, str] | None:
         if c.get("type") in ("Complete", "Failed") and c.get("status") == "True":
             return c["type"] == "Complete", f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
     return None
+
+
+def terminated(pods: list[dict[str, Any]]) -> bool:
+    """Has a pod's container ended (so its termination message, if any, is in its status)?"""
+    return any(((cs.get("state") or {}).get("terminated")) for p in pods
+               for cs in (p.get("status") or {}).get("containerStatuses") or [])
 
 
 def _summary(pods: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -13,19 +13,23 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from kvpilot.operator import policy, rollout
 from kvpilot.operator import resources as res
-from kvpilot.operator import rollout
-from kvpilot.operator.apply import Applier, with_conflict_retries
+from kvpilot.operator.apply import Applier, conflict_error
+from kvpilot.operator.children import Children
 from kvpilot.operator.config import OperatorConfig
-from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, KubeClient
+from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, ApiError, KubeClient
+from kvpilot.operator.reducer import Event, Part, apply, reduce
 from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
 from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
-from kvpilot.operator.tuning import TuningDriver, effective_spec, load_study, trial_revision
+from kvpilot.operator.tuning import TuningDriver, trial_revision
+from kvpilot.operator.tuning_study import effective_spec, load_study
 from kvpilot.operator.verify import CheckResult, judge_slo, read_slo_window, smoke_completion
+from kvpilot.tuner.metrics import PrometheusError
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
-Emit = Callable[[rollout.Event], None]
+Emit = Callable[[Event], None]
 
 
 def spec_error_message(exc: ValidationError) -> str:
@@ -51,13 +55,14 @@ class LiveChecks:
         return smoke_completion(url, self.spec, self._api_key())
 
     def slo_window(self, revision: str, seconds: float) -> CheckResult | None:
-        prometheus = self.spec.monitoring.prometheus_url
-        if prometheus is None:
+        prom = policy.prometheus(self.spec, self.config)
+        if prom is None:
             return None
+        labels = res.series_labels(self.applier.namespace, self.name, revision)
         try:
-            observation = read_slo_window(prometheus, revision, seconds)
-        except Exception as exc:  # prometheus-api-client raises several unrelated types
-            return CheckResult(ok=False, reason="PrometheusUnavailable", message=repr(exc))
+            observation = read_slo_window(prom, labels, revision, seconds)
+        except PrometheusError as exc:
+            return CheckResult(ok=False, reason="PrometheusUnavailable", message=str(exc))
         return judge_slo(observation, self.spec.slo, check_throughput=False)
 
     def _api_key(self) -> str | None:
@@ -109,94 +114,115 @@ def _converge(
 
 
 def _observe_slo(
-    status: InferenceServiceStatus, spec: InferenceServiceSpec, config: OperatorConfig, at: dt.datetime
-) -> None:
+    previous: InferenceServiceStatus, namespace: str, name: str, active: str | None, spec: InferenceServiceSpec,
+    config: OperatorConfig, at: dt.datetime,
+) -> Part:
     """Read the live revision's SLO window every slo_refresh_seconds; skipped without a prometheusUrl."""
-    active = status.active_revision
-    if spec.monitoring.prometheus_url is None or active is None:
-        status.set_condition(
-            "SLOMet", None, "NotMeasured", "no spec.monitoring.prometheusUrl", status.observed_generation
-        )
-        return
-    last = status.slo
-    if (
-        last is not None
-        and last.revision == active
-        and (at - last.observed_at).total_seconds() < config.slo_refresh_seconds
-    ):
-        return
+    part = Part()
+    prom = policy.prometheus(spec, config)
+    if prom is None or active is None:
+        part.condition("SLOMet", None, "NotMeasured", "no Prometheus: the operator's, or spec.monitoring.prometheusUrl")
+        return part
+    last = previous.slo
+    fresh = last is not None and (at - last.observed_at).total_seconds() < config.slo_refresh_seconds
+    if fresh and last is not None and last.revision == active:
+        return part
+    labels = res.series_labels(namespace, name, active)
     try:
-        observation = read_slo_window(spec.monitoring.prometheus_url, active, config.slo_window_seconds)
-    except Exception as exc:  # prometheus-api-client raises several unrelated types
-        status.set_condition("SLOMet", None, "PrometheusUnavailable", repr(exc)[:300], status.observed_generation)
-        return
-    status.slo = observation
-    status.ttft_p95_ms, status.tokens_per_second = observation.ttft_p95_ms, observation.tokens_per_second
+        observation = read_slo_window(prom, labels, active, config.slo_window_seconds)
+    except PrometheusError as exc:
+        part.condition("SLOMet", None, "PrometheusUnavailable", str(exc))
+        return part
+    part.fields.update(slo=observation, ttft_p95_ms=observation.ttft_p95_ms,
+                       tokens_per_second=observation.tokens_per_second)
     verdict = judge_slo(observation, spec.slo, check_throughput=True)
     if verdict is None:
-        status.set_condition(
-            "SLOMet", None, "NoData", "no SLO declared or no samples in the window", status.observed_generation
-        )
+        part.condition("SLOMet", None, "NoData", "no SLO declared or no samples in the window")
     else:
-        status.set_condition("SLOMet", verdict.ok, verdict.reason, verdict.message, status.observed_generation)
+        part.condition("SLOMet", verdict.ok, verdict.reason, verdict.message)
+    return part
 
 
-def _without_nulls(value: Any) -> Any:
-    """A merge patch deletes null keys, so the stored status never has them: compare without."""
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
+def _invalid_spec(status: InferenceServiceStatus, message: str, reason: str = "InvalidSpec") -> Part:
+    part = Part(phase="Failed" if status.active_revision is None else "Degraded")
+    previous = status.condition("Ready")
+    if previous is None or (previous.reason, previous.message) != (reason, message):
+        part.events.append(Event("Warning", reason, message))  # once per distinct problem
+    part.condition("Ready", False, reason, message)
+    return part
+
+
+def _policy_violations(client: KubeClient, namespace: str, spec: InferenceServiceSpec,
+                       config: OperatorConfig) -> list[str]:
+    problems = policy.violations(spec, config)
+    if spec.engine.api_key_secret and config.read_secrets:
+        secret = client.get(SECRET, namespace, spec.engine.api_key_secret)
+        problems += [p for p in [policy.secret_violation(spec.engine.api_key_secret, secret)] if p]
+    return problems
 
 
 def _write_status(client: KubeClient, body: dict[str, Any], status: InferenceServiceStatus) -> bool:
-    """Patch our part of status, only when it changed (a quiet pass writes nothing)."""
+    """Apply our part of status, only when it changed (a quiet pass writes nothing). Server-side apply: a
+    field we no longer set (a finished rollout) is removed, not left behind."""
     new = dump_status(status)
-    old = body.get("status") or {}
-    if _without_nulls(new) == _without_nulls({k: old.get(k) for k in new}):
+    old = dump_status(load_status(body.get("status")))  # ours only: keys others write are not compared
+    if new == old:
         return False
     meta = body["metadata"]
-    with_conflict_retries(
-        lambda: client.patch(INFERENCE_SERVICE, meta["namespace"], meta["name"], {"status": new}, subresource="status"),
-        f"InferenceService/{meta['name']} status",
-    )
+    manifest = {"apiVersion": INFERENCE_SERVICE.api_version, "kind": INFERENCE_SERVICE.kind,
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "status": new}
+    try:
+        client.apply(manifest, force=True, subresource="status")
+    except ApiError as exc:
+        if exc.status == 409:
+            raise conflict_error(f"InferenceService/{meta['name']} status", exc) from exc
+        raise
     return True
 
 
-def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorConfig, emit: Emit) -> None:
+def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorConfig, emit: Emit,
+              indexes: dict[str, Any]) -> None:
+    """One pass; `indexes` are kopf's indexes of the children (children.py)."""
     body = client.get(INFERENCE_SERVICE, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return  # gone: its children go with it through their ownerReferences
     generation = body["metadata"].get("generation")
-    status = load_status(body.get("status"))
+    previous = load_status(body.get("status"))
     at = now()
     try:
         spec = user_spec = parse_spec(body.get("spec") or {})
     except ValidationError as exc:
-        message = spec_error_message(exc)
-        previous = status.condition("Ready")
-        if previous is None or (previous.reason, previous.message) != ("InvalidSpec", message):
-            emit(rollout.Event("Warning", "InvalidSpec", message))  # once per distinct problem
-        status.set_condition("Ready", False, "InvalidSpec", message, generation)
-        status.phase = "Failed" if status.active_revision is None else "Degraded"
-        status.observed_generation = generation
-        _write_status(client, body, status)
+        status, events = reduce(previous, {"spec": _invalid_spec(previous, spec_error_message(exc))}, generation)
+        _finish(client, body, status, events, emit)
         return
-    applier = Applier(client, body)
+    problems = _policy_violations(client, namespace, spec, config)
+    if problems:  # what the operator's configuration does not allow: nothing is created or changed
+        part = _invalid_spec(previous, "; ".join(problems), "PolicyViolation")
+        status, events = reduce(previous, {"spec": part}, generation)
+        _finish(client, body, status, events, emit)
+        return
+    applier = Applier(client, body, Children(indexes, namespace, name), emit)
     study, basis = load_study(applier, name)
     spec = effective_spec(spec, study)
     desired = res.revision_of(spec)
     checks = LiveChecks(applier, spec, name, config)
-    slo_checks = spec.monitoring.prometheus_url is not None
-    for event in rollout.advance(status, spec, desired, checks, at, generation, slo_checks):
-        emit(event)
+    slo_checks = policy.prometheus_url(spec, config) is not None
+    parts = {"rollout": rollout.advance(previous, spec, desired, checks, at, slo_checks)}
+    after_rollout = apply(previous, parts, generation)  # what tuning and the children follow
     tuning = TuningDriver(applier, name, body["metadata"].get("uid", name), user_spec, config, study, basis)
-    for event in tuning.step(status, desired, at):
-        emit(event)
+    parts["tuning"] = tuning.step(after_rollout, desired, at)
     service_monitors = spec.monitoring.service_monitor and client.has_resource(SERVICE_MONITOR)
-    _converge(applier, name, spec, desired, status, service_monitors)
-    _observe_slo(status, spec, config, at)
-    deployment = applier.get("Deployment", res.deployment_name(name, status.active_revision or desired))
-    status.ready_replicas = ((deployment or {}).get("status") or {}).get("readyReplicas", 0)
+    _converge(applier, name, spec, desired, apply(previous, parts, generation), service_monitors)
+    parts["slo"] = _observe_slo(previous, namespace, name, after_rollout.active_revision, spec, config, at)
+    deployment = applier.get("Deployment", res.deployment_name(name, after_rollout.active_revision or desired))
+    parts["rollout"].fields["ready_replicas"] = ((deployment or {}).get("status") or {}).get("readyReplicas", 0)
+    status, events = reduce(previous, parts, generation)
+    _finish(client, body, status, events, emit)
+
+
+def _finish(client: KubeClient, body: dict[str, Any], status: InferenceServiceStatus, events: list[Event],
+            emit: Emit) -> None:
+    """Status first, then the Events: an Event never announces what status does not yet say."""
     _write_status(client, body, status)
+    for event in events:
+        emit(event)

@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any
 
+from kvpilot.engine.flags import to_flags
+from kvpilot.operator.engine_knobs import chosen_knobs, knob_args, knob_names
 from kvpilot.operator.spec import InferenceServiceSpec
 
 PORT = 8000
@@ -30,7 +32,11 @@ QUANTITY_SUFFIXES = {
 
 
 def _revision_inputs(spec: InferenceServiceSpec) -> dict[str, Any]:
-    return spec.model_dump(mode="json", by_alias=True, include={"model", "engine", "resources"})
+    """Unset fields are left out and knobs count only where they differ from the engine's defaults (as the pod's
+    arguments do), so a knob added to the engine later, or set to its default, moves no revision."""
+    engine = spec.engine.model_copy(update={k: None for k in knob_names() if k not in chosen_knobs(spec.engine)})
+    inputs = spec.model_copy(update={"engine": engine})
+    return inputs.model_dump(mode="json", by_alias=True, include={"model", "engine", "resources"}, exclude_none=True)
 
 
 def revision_of(spec: InferenceServiceSpec) -> str:
@@ -57,6 +63,18 @@ def pod_selector(name: str, revision: str | None = None) -> dict[str, str]:
 
 def revision_labels(name: str, revision: str) -> dict[str, str]:
     return {**base_labels(name), LABEL_REVISION: revision}
+
+
+# The labels every engine series carries in Prometheus, set by the scrape configuration from the pod's metadata
+# (the ServiceMonitor's relabelings below; e2e/prometheus.py), never by what the pod reports about itself.
+SERIES_LABELS = {"namespace": "__meta_kubernetes_namespace",
+                 "inferenceservice": "__meta_kubernetes_pod_label_kvpilot_dev_inferenceservice",
+                 "revision": "__meta_kubernetes_pod_label_kvpilot_dev_revision"}
+
+
+def series_labels(namespace: str, name: str, revision: str) -> dict[str, str]:
+    """What every query filters on: the tenant (namespace, InferenceService) and the revision."""
+    return {"namespace": namespace, "inferenceservice": name, "revision": revision}
 
 
 def deployment_name(name: str, revision: str) -> str:
@@ -87,38 +105,55 @@ def _model_source(spec: InferenceServiceSpec) -> tuple[str, list[dict[str, Any]]
 
 
 def engine_args(spec: InferenceServiceSpec, revision: str, model_path: str) -> list[str]:
-    e = spec.engine
-    args = [
-        "--model",
-        model_path,
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(PORT),
-        "--served-model-name",
-        spec.model.name,
-        "--revision",
-        revision,
-        "--gpu-memory-utilization",
-        str(e.gpu_memory_utilization),
-        "--max-num-seqs",
-        str(e.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(e.max_num_batched_tokens),
-        "--tensor-parallel-size",
-        str(e.tensor_parallel_size),
-    ]
-    if e.max_model_len is not None:
-        args += ["--max-model-len", str(e.max_model_len)]
-    args.append("--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching")
-    args += ["--drain-timeout", str(e.drain_timeout_seconds)]
-    return args + list(e.extra_args)
+    """`kvpilot serve` flags, each flag and its value one argument (`--model=-x` stays a value): what the
+    operator sets (ENGINE_ONLY), the knobs set in spec.engine, the server's own, then extraArgs."""
+    own = {"model": model_path, "served_model_name": spec.model.name, "revision": revision}
+    server = ["--host=0.0.0.0", f"--port={PORT}", f"--drain-timeout={spec.engine.drain_timeout_seconds}"]
+    return [*to_flags(own), *knob_args(spec.engine), *server, *spec.engine.extra_args]
+
+
+# The Kubernetes "restricted" Pod Security Standard, for engine and load-Job pods alike: non-root (the images
+# run as UID 10001), no privilege escalation, no capabilities, the runtime's default seccomp profile, and a
+# read-only root filesystem with an emptyDir for what the process writes (/tmp: kernel caches, logs).
+RUN_AS_USER = 10001
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+}
+SCRATCH_VOLUME = {"name": "tmp", "emptyDir": {}}
+SCRATCH_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
+SCRATCH_ENV = [{"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"}, {"name": "HF_HOME", "value": "/tmp/hf"}]
+
+
+def service_account_name(name: str) -> str:
+    return f"{name}-engine"
+
+
+def service_account(name: str, namespace: str) -> dict[str, Any]:
+    """The engine's and load Jobs' own identity: granted nothing, and its token is never mounted."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+            "metadata": {"name": service_account_name(name), "namespace": namespace, "labels": base_labels(name)}}
+
+
+def restricted_pod(name: str, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """`pod_spec` under the restricted standard, with the InferenceService's ServiceAccount and no token."""
+    for container in pod_spec["containers"]:
+        container["securityContext"] = dict(CONTAINER_SECURITY_CONTEXT)
+        container["volumeMounts"] = [*container.get("volumeMounts", []), SCRATCH_MOUNT]
+        container["env"] = [*container.get("env", []), *SCRATCH_ENV]
+    return {**pod_spec, "securityContext": dict(POD_SECURITY_CONTEXT),
+            "serviceAccountName": service_account_name(name), "automountServiceAccountToken": False,
+            "volumes": [*pod_spec.get("volumes", []), SCRATCH_VOLUME]}
 
 
 def _container_resources(spec: InferenceServiceSpec) -> dict[str, Any]:
     r = spec.resources
     requests: dict[str, Any] = {"cpu": str(r.cpu), "memory": str(r.memory)}
-    limits: dict[str, Any] = {"memory": str(r.memory)}
+    limits: dict[str, Any] = {"cpu": str(r.cpu), "memory": str(r.memory)}
     if r.gpus_per_replica:
         requests["nvidia.com/gpu"] = str(r.gpus_per_replica)
         limits["nvidia.com/gpu"] = str(r.gpus_per_replica)
@@ -172,7 +207,7 @@ def pod_template(name: str, spec: InferenceServiceSpec, revision: str) -> dict[s
     }
     if spec.resources.affinity:
         pod_spec["affinity"] = spec.resources.affinity
-    return {"metadata": {"labels": revision_labels(name, revision)}, "spec": pod_spec}
+    return {"metadata": {"labels": revision_labels(name, revision)}, "spec": restricted_pod(name, pod_spec)}
 
 
 def deployment(name: str, namespace: str, spec: InferenceServiceSpec, revision: str) -> dict[str, Any]:
@@ -199,7 +234,7 @@ def engine_config_map(name: str, namespace: str, spec: InferenceServiceSpec, rev
     config = {
         "revision": revision,
         "model": spec.model.model_dump(mode="json", by_alias=True),
-        "engine": spec.engine.model_dump(mode="json", by_alias=True),
+        "engine": spec.engine.model_dump(mode="json", by_alias=True, exclude_none=True),
         "args": engine_args(spec, revision, _model_source(spec)[0]),
     }
     return {
@@ -265,8 +300,11 @@ def service_monitor(name: str, namespace: str) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": namespace, "labels": base_labels(name)},
         "spec": {
             "selector": {"matchLabels": {LABEL_ISVC: name, "kvpilot.dev/role": "metrics"}},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
-            "podTargetLabels": [LABEL_REVISION],
+            "endpoints": [{
+                "port": "http", "path": "/metrics", "interval": "15s", "honorLabels": False,
+                "relabelings": [{"sourceLabels": [source], "targetLabel": target, "action": "replace"}
+                                for target, source in SERIES_LABELS.items()],
+            }],
         },
     }
 
@@ -283,8 +321,10 @@ def pod_disruption_budget(name: str, namespace: str) -> dict[str, Any]:
 def shared_children(
     name: str, namespace: str, stable_revision: str, preview_revision: str, service_monitors: bool
 ) -> list[dict[str, Any]]:
-    """Children that outlive revisions: Services (stable, preview, metrics), PDB, ServiceMonitor."""
+    """Children that outlive revisions: the ServiceAccount, Services (stable, preview, metrics), PDB,
+    ServiceMonitor."""
     children = [
+        service_account(name, namespace),
         service(name, namespace, name, stable_revision, "stable"),
         service(name, namespace, preview_service_name(name), preview_revision, "preview"),
         metrics_service(name, namespace, scrape_annotations=not service_monitors),

@@ -1,6 +1,8 @@
 """The blue-green state machine. Its whole state is `status` (active, rollout, retiring, failed revision).
 
-`advance()` moves it one step using observations supplied by `Checks`; it never writes to the cluster.
+`advance()` moves it one step using observations supplied by `Checks` and returns the rollout's `Part` of
+status (reducer.py): the fields and conditions it owns, the phase it proposes and its Events. It never
+writes to the cluster, nor to the status it was given.
 The reconciler then makes the cluster match the new status (which revisions exist, what Services
 select). Because every step is derived from status plus fresh observations, an operator restarted at
 any point continues where the last one stopped.
@@ -18,24 +20,22 @@ import dataclasses
 import datetime as dt
 from typing import Protocol
 
+from kvpilot.operator.engine_knobs import effective_knobs
+from kvpilot.operator.reducer import OWNERS, Event, Part
 from kvpilot.operator.spec import InferenceServiceSpec
 from kvpilot.operator.status import (
+    Condition,
+    ConditionType,
     EngineConfigStatus,
     HistoryEntry,
     InferenceServiceStatus,
+    Phase,
     RetiringRevision,
     RolloutState,
 )
 from kvpilot.operator.verify import CheckResult
 
 SMOKE_ATTEMPTS = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 class Checks(Protocol):
@@ -45,39 +45,30 @@ class Checks(Protocol):
 
 
 def engine_config(spec: InferenceServiceSpec) -> EngineConfigStatus:
-    e = spec.engine
-    return EngineConfigStatus(
-        gpu_memory_utilization=e.gpu_memory_utilization,
-        max_num_seqs=e.max_num_seqs,
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        tensor_parallel_size=e.tensor_parallel_size,
-        max_model_len=e.max_model_len,
-        enable_prefix_caching=e.enable_prefix_caching,
-    )
+    """Every knob as the revision runs it: the ones set in spec.engine, the engine's defaults for the rest."""
+    return EngineConfigStatus(**effective_knobs(spec.engine))
 
 
 @dataclasses.dataclass
 class Machine:
+    """`status` is the machine's working copy; `part` collects what it proposes."""
+
     status: InferenceServiceStatus
     spec: InferenceServiceSpec
-    generation: int | None
     now: dt.datetime
-    events: list[Event] = dataclasses.field(default_factory=list)
+    part: Part = dataclasses.field(default_factory=Part)
 
     def emit(self, kind: str, reason: str, message: str) -> None:
-        self.events.append(Event(kind, reason, message))
+        self.part.events.append(Event(kind, reason, message))
 
-    def set_phase(self, phase: str) -> None:
-        if self.status.phase != phase:
-            self.emit(
-                "Normal" if phase not in ("Degraded", "Failed") else "Warning",
-                f"Phase{phase}",
-                f"phase {self.status.phase} -> {phase}",
-            )
-            self.status.phase = phase  # type: ignore[assignment]
+    def set_phase(self, phase: Phase) -> None:
+        self.part.phase = phase
 
-    def condition(self, kind: str, value: bool | None, reason: str, message: str = "") -> None:
-        self.status.set_condition(kind, value, reason, message, self.generation)  # type: ignore[arg-type]
+    def condition(self, kind: ConditionType, value: bool | None, reason: str, message: str = "") -> None:
+        self.part.condition(kind, value, reason, message)
+
+    def previous_condition(self, kind: ConditionType) -> Condition | None:
+        return self.status.condition(kind)
 
     def start(self, revision: str) -> None:
         if self.status.rollout is not None:
@@ -190,7 +181,7 @@ def _steady(m: Machine, checks: Checks) -> None:
         m.status.candidate_revision = None
     m.status.failed_revision = None
     m.status.engine_config = engine_config(m.spec)
-    progressing = m.status.condition("Progressing")
+    progressing = m.previous_condition("Progressing")
     if progressing is None or progressing.status != "False":
         m.condition("Progressing", False, "UpToDate", f"revision {active} matches the spec")
     if checks.ready(active):
@@ -259,20 +250,20 @@ def advance(
     desired: str,
     checks: Checks,
     now: dt.datetime,
-    generation: int | None,
     slo_checks: bool,
-) -> list[Event]:
-    """One step of the machine; mutates `status` and returns the Events to post."""
-    m = Machine(status=status, spec=spec, generation=generation, now=now)
+) -> Part:
+    """One step of the machine from `status` (left as it is): the rollout's part of the next status."""
+    m = Machine(status=status.model_copy(deep=True), spec=spec, now=now)
     _retire_expired(m)
-    if status.active_revision is None:
+    if m.status.active_revision is None:
         _first_deploy(m, desired, checks)
-    elif status.active_revision == desired:
+    elif m.status.active_revision == desired:
         _steady(m, checks)
     else:
         _upgrade(m, desired, checks, slo_checks)
-    status.observed_generation = generation
-    return m.events
+    owned = OWNERS["rollout"].fields - {"ready_replicas"}  # counted by the reconciler after converging
+    m.part.fields.update({name: getattr(m.status, name) for name in owned})
+    return m.part
 
 
 def revisions_to_keep(status: InferenceServiceStatus) -> set[str]:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from kvpilot.operator.engine_knobs import knobs_model
+from kvpilot.tuner.objective import SLO
+from kvpilot.tuner.space import gpu_space
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kvpilot.dev"
@@ -35,7 +38,10 @@ def _preserve(kind: str) -> dict[str, Any]:
 
 
 class ModelSpec(CRDModel):
-    name: str = Field(min_length=1, max_length=128, description="Name clients send as `model`.")
+    name: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="Name clients send as `model`: letters, digits and . _ : / -, not starting with a sign.",
+    )
     uri: str = Field(
         pattern=MODEL_URI_PATTERN,
         description="Where the weights live: pvc://claim/path, hostpath:///dir, an absolute directory "
@@ -50,14 +56,10 @@ class ModelSpec(CRDModel):
     )
 
 
-class EngineSpec(CRDModel):
+class _EngineSpecBase(CRDModel):
+    """What the operator adds around the engine's knobs (those come from EngineConfig: engine_knobs.py)."""
+
     image: str = Field(default="ghcr.io/kvpilot/kvpilot-engine:0.1.0", min_length=1)
-    gpu_memory_utilization: float = Field(default=0.9, ge=0.05, le=0.99)
-    max_num_seqs: int = Field(default=256, ge=1, le=4096)
-    max_num_batched_tokens: int = Field(default=8192, ge=16, le=1048576)
-    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
-    max_model_len: int | None = Field(default=None, ge=16, description="Default: the model's own.")
-    enable_prefix_caching: bool = True
     drain_timeout_seconds: int = Field(
         default=30, ge=0, le=3600, description="In-flight requests get this long to finish on SIGTERM."
     )
@@ -65,6 +67,12 @@ class EngineSpec(CRDModel):
         default=None, description="Name of a Secret whose `api-key` entry becomes KVPILOT_API_KEY."
     )
     extra_args: list[str] = Field(default_factory=list, description="Appended to `kvpilot serve`.")
+
+
+EngineSpec = knobs_model(
+    "EngineSpec", _EngineSpecBase, "The engine's image and server settings, and every EngineConfig knob (unset: "
+    "the engine's default)."
+)
 
 
 class ResourcesSpec(CRDModel):
@@ -84,10 +92,10 @@ class ResourcesSpec(CRDModel):
         return value
 
 
-class SLOSpec(CRDModel):
-    ttft_p95_ms: float | None = Field(default=None, gt=0, description="Time to first token, p95, ms.")
-    itl_p95_ms: float | None = Field(default=None, gt=0, description="Inter-token latency, p95, ms.")
-    min_throughput_tokens_per_second: float | None = Field(default=None, ge=0)
+class SLOSpec(SLO):
+    """The tuner's SLO model (one model and one judge for trials, verification and the live reading), camelCased."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
 class LengthDistribution(CRDModel):
@@ -127,13 +135,18 @@ class IntBounds(CRDModel):
     fixed: int | None = Field(default=None, ge=1, description="Pin the knob; the tuner does not search it.")
 
 
-class SearchSpaceSpec(CRDModel):
-    """Overrides of the tuner's default bounds (see the tuner's documentation for the defaults)."""
+def _search_space_spec() -> type[CRDModel]:
+    """One optional bounds override per knob of the tuner's GPU space (its knobs are EngineConfig fields)."""
+    fields: dict[str, Any] = {
+        k.name: (FloatBounds | None if k.kind == "float" else IntBounds | None, None) for k in gpu_space().knobs
+    }
+    return create_model(
+        "SearchSpaceSpec", __base__=CRDModel,
+        __doc__="Overrides of the tuner's default bounds (see the tuner's documentation for the defaults).", **fields
+    )
 
-    gpu_memory_utilization: FloatBounds | None = None
-    max_num_seqs: IntBounds | None = None
-    max_num_batched_tokens: IntBounds | None = None
-    tensor_parallel_size: IntBounds | None = None
+
+SearchSpaceSpec = _search_space_spec()
 
 
 class TuningSpec(CRDModel):
@@ -183,7 +196,7 @@ class InferenceServiceSpec(CRDModel):
 
     @model_validator(mode="after")
     def _gpus_fit_tensor_parallel(self) -> InferenceServiceSpec:
-        gpus, tp = self.resources.gpus_per_replica, self.engine.tensor_parallel_size
+        gpus, tp = self.resources.gpus_per_replica, self.engine.tensor_parallel_size or 1
         if gpus == 0 and tp != 1:
             raise ValueError("engine.tensorParallelSize must be 1 when resources.gpusPerReplica is 0 (CPU)")
         if gpus and gpus % tp:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
+from kvpilot.operator.engine_knobs import EngineKnobs
 from kvpilot.operator.spec import CRDModel
 from pydantic import Field
 
@@ -30,15 +31,8 @@ class Condition(CRDModel):
     observed_generation: int | None = None
 
 
-class EngineConfigStatus(CRDModel):
-    """The engine knobs a revision runs with (what the tuner searches)."""
-
-    gpu_memory_utilization: float
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    tensor_parallel_size: int
-    max_model_len: int | None = None
-    enable_prefix_caching: bool
+# The engine knobs a revision runs with, every one filled in (EngineConfig's fields: engine_knobs.py).
+EngineConfigStatus = EngineKnobs
 
 
 class SLOObservation(CRDModel):
@@ -151,4 +145,5 @@ def load_status(raw: dict | None) -> InferenceServiceStatus:
 
 
 def dump_status(status: InferenceServiceStatus) -> dict:
-    return status.model_dump(mode="json", by_alias=True, exclude_none=False)
+    """Unset fields are left out: applied as `kvpilot`, a field left out is removed from the stored status."""
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)

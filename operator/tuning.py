@@ -1,4 +1,7 @@
-"""Drives one InferenceService's tuning study (kvpilot.tuner.cluster) a step per reconcile pass.
+"""Drives one InferenceService's tuning study (kvpilot.tuner.cluster) a step per reconcile pass: observe
+(tuning_observe.py: children and metrics into an Observation), step (the tuner's pure state machine), act
+(tuning_act.py: persist the study, apply the trial's children, word the Events); tuning_study.py maps the
+spec to the study and the study to status.tuning.
 
 Level-triggered like the rest of the operator: the study lives in a ConfigMap owned by the
 InferenceService (`<name>-tuning`: `study.json`, and `basis`, a hash of what the study is about), and
@@ -14,86 +17,27 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
-import logging
-import math
-from typing import Any
 
 from kvpilot.operator import resources as res
 from kvpilot.operator.apply import Applier
 from kvpilot.operator.config import OperatorConfig
-from kvpilot.operator.kube import JOB, POD
-from kvpilot.operator.load_job import finished, job_labels, job_name, load_job, load_result, num_prompts
-from kvpilot.operator.rollout import Event, engine_config
+from kvpilot.operator.reducer import Event, Part
+from kvpilot.operator.rollout import engine_config
 from kvpilot.operator.spec import InferenceServiceSpec
-from kvpilot.operator.status import InferenceServiceStatus, TuningStatus
-from kvpilot.tuner.cluster import (
-    ClusterSettings,
-    ClusterState,
-    DeleteCandidate,
-    DeployCandidate,
-    Observation,
-    Promote,
-    advance,
+from kvpilot.operator.status import InferenceServiceStatus
+from kvpilot.operator.tuning_act import TrialActor
+from kvpilot.operator.tuning_observe import TrialObserver
+from kvpilot.operator.tuning_study import (
+    current_knobs,
+    effective_spec,
     settings_from_spec,
     space_from_spec,
+    study_basis,
+    study_name,
     tuning_status,
 )
-from kvpilot.tuner.metrics import ITL, TTFT, PrometheusReader, WindowMetrics, buckets_query, share_within
-from kvpilot.tuner.study import Params, StudyState
-
-log = logging.getLogger(__name__)
-STUDY_KEY = "study.json"
-BASIS_KEY = "basis"
-# Container states after which a trial revision will not come up by waiting longer.
-FATAL_WAITING = {
-    "CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "InvalidImageName"
-}
-MAX_RESTARTS = 2
-WARMUP_SHARE, MAX_WARMUP_S = 0.25, 30.0
-_swept: set[tuple[str, str]] = set()
-
-
-def study_name(name: str) -> str:
-    """Both the study's ConfigMap and the trial Service are `<name>-tuning` (different kinds)."""
-    return f"{name}-tuning"
-
-
-def _searched(spec: InferenceServiceSpec) -> set[str]:
-    return {k.name for k in space_from_spec(spec).knobs if k.searched}
-
-
-def study_basis(spec: InferenceServiceSpec) -> str:
-    """What the study's results are about: everything but the searched knobs and how tuning is paced."""
-    doc = spec.model_dump(mode="json", exclude={"replicas", "rollout", "monitoring"})
-    doc["engine"] = {k: v for k, v in doc["engine"].items() if k not in _searched(spec)}
-    doc["tuning"] = {k: doc["tuning"][k] for k in ("search_space", "workload")}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def with_params(spec: InferenceServiceSpec, params: Params) -> InferenceServiceSpec:
-    engine = spec.engine.model_copy(update={k: v for k, v in params.items() if k in type(spec.engine).model_fields})
-    return spec.model_copy(update={"engine": engine})
-
-
-def load_study(applier: Applier, name: str) -> tuple[ClusterState | None, str | None]:
-    config_map = applier.get("ConfigMap", study_name(name))
-    if config_map is None:
-        return None, None
-    data = config_map.get("data") or {}
-    return ClusterState.model_validate_json(data[STUDY_KEY]), data.get(BASIS_KEY)
-
-
-def effective_spec(spec: InferenceServiceSpec, state: ClusterState | None) -> InferenceServiceSpec:
-    """The spec the rollout serves: the user's, with the study's promoted knobs while tuning is enabled."""
-    if not spec.tuning.enabled or state is None or state.promoted is None:
-        return spec
-    return with_params(spec, state.promoted)
-
-
-def _current(spec: InferenceServiceSpec) -> Params:
-    engine = spec.engine.model_dump()
-    return {k.name: engine[k.name] for k in space_from_spec(spec).knobs if k.name in engine}
+from kvpilot.tuner.cluster import ClusterState, advance
+from kvpilot.tuner.study import StudyState
 
 
 class TuningDriver:
@@ -103,49 +47,49 @@ class TuningDriver:
                  state: ClusterState | None, basis: str | None) -> None:
         self.applier, self.name, self.spec, self.config = applier, name, spec, config
         self.stored, self.stored_basis = state, basis
-        self.prefix = f"trial-{hashlib.sha256(uid.encode()).hexdigest()[:4]}"
-        self.prometheus = spec.monitoring.prometheus_url
-        self.seen: dict[str, dict[str, Any] | None] = {}  # objects this pass already read, by kind/name
+        self.prefix = f"trial-{hashlib.sha256(uid.encode()).hexdigest()[:6]}"
+        self.observer = TrialObserver(applier, name, spec, config)
+        self.actor = TrialActor(applier, name, spec, config, state, basis, self.observer.get)
         self.changed = False  # the study moved this pass: children to create, or to clean up
 
     # -- the pass ---------------------------------------------------------------------------------------
 
-    def step(self, status: InferenceServiceStatus, desired: str, at: dt.datetime) -> list[Event]:
+    def step(self, status: InferenceServiceStatus, desired: str, at: dt.datetime) -> Part:
+        """`status` is this pass's status as the rollout left it; returns tuning's part of the next one."""
+        part = Part()
         if not self.spec.tuning.enabled:
-            self._disable(status)
-            return []
-        state, events = self._fresh_state()
+            self._disable(part)
+            return part
+        state, part.events = self._fresh_state()
         settings = settings_from_spec(self.spec, self.prefix).model_copy(
-            update={"baseline": _current(effective_spec(self.spec, state))})
+            update={"baseline": current_knobs(effective_spec(self.spec, state))})
         if state.promoted is not None and status.failed_revision == desired:
             state.phase, state.promoted = "Failed", None
             state.message = f"the rollout of the best configuration was rolled back: {self._last_failure(status)}"
-            events.append(Event("Warning", "TuningPromotionRolledBack", state.message))
-        gen, advanced = status.observed_generation, False
-        if self.prometheus is None:
-            status.set_condition("Tuned", False, "PrometheusRequired", "tuning reads trial metrics from "
-                                 "spec.monitoring.prometheusUrl", gen)
-        elif status.active_revision is None or status.rollout is not None or status.phase not in ("Ready", "Tuning"):
+            part.events.append(Event("Warning", "TuningPromotionRolledBack", state.message))
+        advanced = False
+        if self.observer.prometheus is None:
+            part.condition("Tuned", False, "PrometheusRequired", "tuning reads trial metrics from Prometheus: the "
+                           "operator's (--prometheus-url), or spec.monitoring.prometheusUrl")
+        elif status.active_revision is None or status.rollout is not None or status.phase != "Ready":
             if state.phase != "Done":
-                status.set_condition("Tuned", False, "Waiting", "tuning waits for the service to be Ready with no "
-                                     "rollout in progress", gen)
+                part.condition("Tuned", False, "Waiting", "tuning waits for the service to be Ready with no "
+                               "rollout in progress")
         else:
-            state, actions = advance(state, settings, self._observe(state, settings, status, at))
-            events += self._describe(state, actions)
+            state, actions = advance(state, settings, self.observer.observe(state, settings, status, at))
+            part.events += self.actor.describe(state, actions)
             self.changed, advanced = bool(actions), True
         target = res.revision_of(effective_spec(self.spec, state))  # what serves once the study's best is live
         if advanced:
-            self._condition(state, status, target)
+            self._condition(state, status, target, part)
         if state.phase == "Done" and status.active_revision == target:
-            status.set_condition("Tuned", True, "BestPromoted", state.message, gen)
-        key = (self.applier.namespace, self.name)
-        if key not in _swept or (self.stored is not None and state != self.stored):
-            self.changed = True  # also once per operator process: whatever a crash left half-done is swept
-            _swept.add(key)
-        self._save(state)
-        self._converge(state)
-        self._report(state, status)
-        return events
+            part.condition("Tuned", True, "BestPromoted", state.message)
+        if self.stored is not None and state != self.stored:
+            self.changed = True
+        self.actor.save(state)
+        self.actor.converge(state, self.changed)
+        self._report(state, part)
+        return part
 
     def _fresh_state(self) -> tuple[ClusterState, list[Event]]:
         basis = study_basis(self.spec)
@@ -163,188 +107,30 @@ class TuningDriver:
         failed = [h for h in status.history if h.result in ("RolledBack", "Failed")]
         return f"{failed[-1].reason}: {failed[-1].message}" if failed else "verification failed"
 
-    # -- observing --------------------------------------------------------------------------------------
-
-    def _observe(self, state: ClusterState, s: ClusterSettings, status: InferenceServiceStatus,
-                 at: dt.datetime) -> Observation:
-        obs = Observation(now=at)
-        trial = state.trial
-        if trial is None:
-            if state.phase in ("Done", "Failed") and s.retune_below_attainment is not None and status.active_revision:
-                obs.live_attainment = self._attainment(status.active_revision)
-            return obs
-        loading = state.phase == "Loading" and trial.rate is not None
-        obs.candidate, obs.candidate_message = self._candidate(trial.revision, scraped=not loading)
-        if not loading:
-            return obs
-        assert trial.rate is not None
-        job = self._get("Job", job_name(self.name, trial.revision, len(trial.steps)))
-        if job is None or finished(job) is None:
-            return obs
-        pods = self.applier.client.list(POD, self.applier.namespace, {"job-name": job["metadata"]["name"]})
-        planned = num_prompts(trial.rate, s.step_seconds)
-        result = load_result(job, pods, planned)
-        if result is None:
-            return obs
-        if result.started_at is None:  # the client never ran: the step measured nothing
-            obs.window = WindowMetrics(seconds=s.step_seconds, output_tokens=0, source=f"none: {result.message}")
-        else:
-            warmup = min(MAX_WARMUP_S, WARMUP_SHARE * s.step_seconds)
-            t0, t1 = result.started_at + warmup, result.started_at + s.step_seconds
-            if at.timestamp() < t1 + 1.1 * self.config.scrape_interval_seconds + 0.25:
-                return obs  # the window's last scrape is not in Prometheus yet
-            try:
-                obs.window = self._reader(trial.revision).window(t0, t1)
-            except Exception as exc:  # prometheus-api-client raises several unrelated types
-                log.warning("%s: cannot read trial metrics yet: %r", self.name, exc)
-                return obs
-        obs.load_done = True
-        obs.requests_ok, obs.requests_failed, obs.failures = result.completed, result.failed, result.failures
-        return obs
-
-    def _reader(self, revision: str) -> PrometheusReader:
-        assert self.prometheus is not None
-        return PrometheusReader(self.prometheus, {"revision": revision}, self.config.scrape_interval_seconds)
-
-    def _get(self, kind: str, name: str) -> dict[str, Any] | None:
-        key = f"{kind}/{name}"
-        if key not in self.seen:
-            self.seen[key] = self.applier.get(kind, name)
-        return self.seen[key]
-
-    def _candidate(self, revision: str, scraped: bool) -> tuple[str, str]:
-        """absent / pending / failed / ready — and, with `scraped`, seen by Prometheus: a load step's window
-        before the first scrape would read nothing."""
-        deployment = self._get("Deployment", res.deployment_name(self.name, revision))
-        if deployment is None:
-            return "absent", ""
-        if res.deployment_ready(deployment) and not scraped:
-            return "ready", ""
-        pods = self.applier.list("Pod", res.pod_selector(self.name, revision))
-        for pod in pods:
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-                waiting = (cs.get("state") or {}).get("waiting") or {}
-                if waiting.get("reason") in FATAL_WAITING or cs.get("restartCount", 0) > MAX_RESTARTS:
-                    why = waiting.get("reason") or f"{cs.get('restartCount')} restarts"
-                    last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
-                    return "failed", f"pod {pod['metadata']['name']}: {why}" + (f" (last exit: {last})" if last else "")
-        if not res.deployment_ready(deployment):
-            return "pending", ""
-        try:
-            self._reader(revision).wait_for_series(timeout_s=0.0)
-        except TimeoutError:
-            return "pending", "ready; waiting for Prometheus to scrape it"
-        except Exception as exc:  # Prometheus unreachable: wait rather than judge the trial
-            return "pending", f"Prometheus: {exc!r}"[:200]
-        return "ready", ""
-
-    def _attainment(self, revision: str) -> float | None:
-        """Share of the live revision's requests within the SLO (the worse of TTFT and ITL) over the SLO window."""
-        from prometheus_api_client import PrometheusConnect
-
-        assert self.prometheus is not None
-        prom = PrometheusConnect(url=self.prometheus, disable_ssl=True)
-        window = f"{int(self.config.slo_window_seconds)}s"
-        shares = []
-        for histogram, target_ms in ((TTFT, self.spec.slo.ttft_p95_ms), (ITL, self.spec.slo.itl_p95_ms)):
-            if target_ms is None:
-                continue
-            try:
-                rows = prom.custom_query(buckets_query(histogram, {"revision": revision}, window))
-            except Exception as exc:  # no reading is no reason to re-tune
-                log.warning("%s: attainment not readable: %r", self.name, exc)
-                return None
-            buckets = {float(r["metric"]["le"]): float(r["value"][1]) for r in rows if "le" in r.get("metric", {})}
-            share = share_within({b: v for b, v in buckets.items() if not math.isnan(v)}, target_ms / 1000)
-            if share is not None:
-                shares.append(share)
-        return min(shares, default=None)
-
-    # -- acting -----------------------------------------------------------------------------------------
-
-    def _describe(self, state: ClusterState, actions: list[Any]) -> list[Event]:
-        events = []
-        records = state.study.records
-        for action in actions:
-            if isinstance(action, DeployCandidate):
-                events.append(Event("Normal", "TrialStarted", f"{action.revision}: {_knobs(action.engine)}"))
-            elif isinstance(action, DeleteCandidate):
-                finished = [r for r in records if r.ran and r.note == action.revision]
-                if finished:
-                    o = finished[-1].outcome
-                    events.append(Event("Normal", "TrialFinished", f"{action.revision}: {o.status}, "
-                                        f"{o.goodput_per_gpu:.0f} tok/s per GPU{f' ({o.reason})' if o.reason else ''}"))
-            elif isinstance(action, Promote):
-                events.append(Event("Normal", "TuningPromoted", f"promoting {_knobs(action.engine)}: {state.message}"))
-        if state.phase == "Failed" and not any(isinstance(a, Promote) for a in actions) and actions:
-            events.append(Event("Warning", "TuningFailed", state.message))
-        return events
-
-    def _save(self, state: ClusterState) -> None:
-        data = {STUDY_KEY: state.model_dump_json(), BASIS_KEY: study_basis(self.spec)}
-        if self.stored is not None and data == {STUDY_KEY: self.stored.model_dump_json(), BASIS_KEY: self.stored_basis}:
-            return
-        labels = {**res.base_labels(self.name), "kvpilot.dev/role": "tuning-study"}
-        self.applier.ensure({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
-            "name": study_name(self.name), "namespace": self.applier.namespace, "labels": labels}, "data": data})
-
-    def _converge(self, state: ClusterState) -> None:
-        """Children of the trial in flight exist; a finished trial's Service and Jobs go (its Deployment goes
-        with the revisions the reconciler no longer keeps). Objects this pass already read and found are not
-        read again: the API server is asked only where something may be missing, or the study moved on."""
-        trial, ns = state.trial, self.applier.namespace
-        current_job = None
-        if trial is not None:
-            if self.changed or self._get("Deployment", res.deployment_name(self.name, trial.revision)) is None:
-                spec = with_params(effective_spec(self.spec, state), trial.params).model_copy(update={"replicas": 1})
-                for child in [*res.revision_children(self.name, ns, spec, trial.revision),
-                              res.service(self.name, ns, study_name(self.name), trial.revision, "tuning")]:
-                    self.applier.ensure(child)
-            if state.phase == "Loading" and trial.rate is not None:
-                step = len(trial.steps)
-                current_job = job_name(self.name, trial.revision, step)
-                if self.changed or self._get("Job", current_job) is None:
-                    url = self.config.service_url(study_name(self.name), ns, res.PORT)
-                    self.applier.ensure(load_job(self.name, ns, self.spec, trial.revision, step, trial.rate,
-                                                 settings_from_spec(self.spec).step_seconds, url))
-        if not self.changed:
-            return
-        if trial is None:
-            self.applier.delete("Service", study_name(self.name))
-        for job in self.applier.client.list(JOB, ns, job_labels(self.name)):
-            if job["metadata"]["name"] != current_job:
-                self.applier.delete("Job", job["metadata"]["name"])
-
-    def _disable(self, status: InferenceServiceStatus) -> None:
+    def _disable(self, part: Part) -> None:
         """Tuning switched off: the study and its children go, the user's engine settings serve again."""
         if self.stored is not None:
             self.applier.delete("ConfigMap", study_name(self.name))
             self.changed = True
-            self._converge(ClusterState(study=self.stored.study))
-        status.tuning = None
-        status.conditions = [c for c in status.conditions if c.type != "Tuned"]
+            self.actor.converge(ClusterState(study=self.stored.study), changed=True)
+        part.fields["tuning"] = None
+        part.conditions["Tuned"] = None
 
-    def _report(self, state: ClusterState, status: InferenceServiceStatus) -> None:
+    def _report(self, state: ClusterState, part: Part) -> None:
         engine = engine_config(effective_spec(self.spec, state)).model_dump(mode="json", by_alias=True)
-        status.tuning = TuningStatus.model_validate(
-            {**tuning_status(state, engine), "studyConfigMap": study_name(self.name)})
-        if state.trial is not None and status.phase == "Ready":
-            status.phase = "Tuning"
+        part.fields["tuning"] = tuning_status(state, engine, study_name(self.name))
+        if state.trial is not None:
+            part.phase = "Tuning"  # shown while the rollout says Ready (reducer.PHASE_PRECEDENCE)
 
-    def _condition(self, state: ClusterState, status: InferenceServiceStatus, desired: str) -> None:
-        gen = status.observed_generation
+    def _condition(self, state: ClusterState, status: InferenceServiceStatus, desired: str, part: Part) -> None:
         if state.phase == "Done":
             if status.active_revision != desired:
-                status.set_condition("Tuned", False, "Promoting", f"rolling out the best: {state.message}", gen)
+                part.condition("Tuned", False, "Promoting", f"rolling out the best: {state.message}")
         elif state.phase == "Failed":
-            status.set_condition("Tuned", False, "TuningFailed", state.message, gen)
+            part.condition("Tuned", False, "TuningFailed", state.message)
         elif state.trial is not None:
             n, total = sum(r.ran for r in state.study.records) + 1, self.spec.tuning.max_trials
-            status.set_condition("Tuned", False, "Tuning", f"trial {n} of at most {total} ({state.phase})", gen)
-
-
-def _knobs(params: Params) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+            part.condition("Tuned", False, "Tuning", f"trial {n} of at most {total} ({state.phase})")
 
 
 def trial_revision(status: InferenceServiceStatus) -> str | None:

@@ -6,12 +6,11 @@ tests and the e2e harness can point it at a local server. SLO windows come from 
 
 from __future__ import annotations
 
-import math
-
 import httpx
-from kvpilot.operator.spec import InferenceServiceSpec, SLOSpec
+from kvpilot.operator.spec import InferenceServiceSpec
 from kvpilot.operator.status import SLOObservation, now
-from prometheus_api_client import PrometheusConnect
+from kvpilot.tuner.metrics import Prometheus, live_window
+from kvpilot.tuner.objective import SLO
 from pydantic import BaseModel, Field, ValidationError
 
 
@@ -57,64 +56,36 @@ def smoke_completion(url: str, spec: InferenceServiceSpec, api_key: str | None =
     )
 
 
-def promql_quantile(metric: str, revision: str, window_seconds: float, quantile: float = 0.95) -> str:
-    return (
-        f'histogram_quantile({quantile}, sum by (le) (rate(kvpilot:{metric}_bucket{{revision="{revision}"}}'
-        f"[{int(window_seconds)}s])))"
-    )
+def read_slo_window(prom: Prometheus, labels: dict[str, str], revision: str, window_seconds: float) -> SLOObservation:
+    """A revision's SLO reading over the last window, through the tuner's one Prometheus path."""
+    live = live_window(prom, labels, window_seconds)
 
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000, 2)
 
-def promql_tokens_per_second(revision: str, window_seconds: float) -> str:
-    return f'sum(rate(kvpilot:generation_tokens_total{{revision="{revision}"}}[{int(window_seconds)}s]))'
-
-
-def _scalar(prom: PrometheusConnect, query: str) -> float | None:
-    """The single value of an instant query; None when there are no samples (no traffic yet)."""
-    result = prom.custom_query(query)
-    if not result:
-        return None
-    value = float(result[0]["value"][1])
-    return None if math.isnan(value) or math.isinf(value) else value
-
-
-def read_slo_window(prometheus_url: str, revision: str, window_seconds: float) -> SLOObservation:
-    prom = PrometheusConnect(url=prometheus_url, disable_ssl=True)
-    ttft = _scalar(prom, promql_quantile("time_to_first_token_seconds", revision, window_seconds))
-    itl = _scalar(prom, promql_quantile("inter_token_latency_seconds", revision, window_seconds))
-    tps = _scalar(prom, promql_tokens_per_second(revision, window_seconds))
     return SLOObservation(
-        revision=revision,
-        window_seconds=window_seconds,
-        ttft_p95_ms=None if ttft is None else round(ttft * 1000, 2),
-        itl_p95_ms=None if itl is None else round(itl * 1000, 2),
-        tokens_per_second=None if tps is None else round(tps, 2),
+        revision=revision, window_seconds=window_seconds, ttft_p95_ms=ms(live.ttft_p95_s),
+        itl_p95_ms=ms(live.itl_p95_s),
+        tokens_per_second=None if live.tokens_per_second is None else round(live.tokens_per_second, 2),
         observed_at=now(),
     )
 
 
-def judge_slo(obs: SLOObservation, slo: SLOSpec, check_throughput: bool) -> CheckResult | None:
-    """None when there is nothing to judge (no SLO declared, or no samples in the window).
+def judge_slo(obs: SLOObservation, slo: SLO, check_throughput: bool) -> CheckResult | None:
+    """None when there is nothing to judge (no SLO declared, or no samples in the window). The judge is the
+    tuner's (`SLO.judge`), so a trial, a candidate and the live revision are held to the same rule.
 
     Throughput is judged only for the live revision: a candidate's preview gets little traffic.
     """
-    failures: list[str] = []
-    judged = False
-    for label, seen, limit in (
-        ("TTFT p95", obs.ttft_p95_ms, slo.ttft_p95_ms),
-        ("ITL p95", obs.itl_p95_ms, slo.itl_p95_ms),
-    ):
-        if limit is not None and seen is not None:
-            judged = True
-            if seen > limit:
-                failures.append(f"{label} {seen:.1f} ms > {limit:.1f} ms")
-    floor = slo.min_throughput_tokens_per_second
-    if check_throughput and floor is not None and obs.tokens_per_second is not None:
-        judged = True
-        if obs.tokens_per_second < floor:
-            failures.append(f"throughput {obs.tokens_per_second:.1f} tok/s < {floor:.1f}")
-    if not judged:
+
+    def seconds(ms: float | None) -> float | None:
+        return None if ms is None else ms / 1000
+
+    verdict = slo.judge(seconds(obs.ttft_p95_ms), seconds(obs.itl_p95_ms), obs.tokens_per_second, check_throughput)
+    if verdict is None:
         return None
-    if failures:
+    met, failures = verdict
+    if not met:
         return CheckResult(ok=False, reason="SLOViolated", message="; ".join(failures))
     return CheckResult(
         ok=True, reason="SLOMet", message=f"revision {obs.revision} within SLO over {obs.window_seconds:.0f}s"

@@ -14,6 +14,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
+# EngineConfig fields `tune` sets itself: --model is its own flag, every trial has its own revision label and
+# served name, and --seed seeds the study and the workload.
+TUNE_OWN = ("model", "revision", "served_model_name", "seed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='run this configuration first, e.g. \'{"num_kv_blocks": 64, "max_num_seqs": 16}\'')
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--resume", action="store_true", help="continue the study in OUTPUT/trials.json")
-    e = parser.add_argument_group("engine and metrics")
-    e.add_argument("--max-model-len", type=int, help="default: the workload's longest prompt + output")
+    from kvpilot.engine.flags import add_engine_flags
+
+    add_engine_flags(parser.add_argument_group("engine, for every trial (a knob the study searches is set by it; "
+                                               "--max-model-len defaults to the workload's longest request)"),
+                     exclude=TUNE_OWN)
+    e = parser.add_argument_group("trial servers and metrics")
     e.add_argument("--engine-port", type=int, help="port every trial's server listens on (default: a free one)")
     e.add_argument("--prometheus-url", help="a Prometheus that scrapes --engine-port (default: start one)")
     e.add_argument("--no-prometheus", action="store_true", help="read the engine's /metrics directly")
@@ -104,6 +111,7 @@ def _prometheus(args: argparse.Namespace, port: int) -> Iterator[tuple[str | Non
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpilot.engine.flags import engine_values, to_flags
     from kvpilot.engine.server.workloads import RandomWorkload, SharedPrefixWorkload
     from kvpilot.tuner.local import LocalRunner, LocalSettings
     from kvpilot.tuner.objective import SLO, RateSearchSettings
@@ -132,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
         target = args.target if args.target != "auto" else ("gpu" if _gpu_visible() else "cpu")
         space = (gpu_space(args.gpus) if target == "gpu" else cpu_space(max_model_len)).with_overrides(
             _overrides(args.search))
+        fixed = {**engine_values(args, exclude=TUNE_OWN), "max_model_len": max_model_len}
+        searched = sorted(k.name for k in space.knobs if k.name in fixed)
+        if searched:
+            raise ValueError(f"the study sets {searched} itself: pin a knob with --search KNOB=VALUE instead")
         enqueued = [json.loads(raw) for raw in args.enqueue]
         slo = SLO(ttft_p95_ms=args.slo_ttft_p95_ms, itl_p95_ms=args.slo_itl_p95_ms,
                   min_throughput_tokens_per_second=args.min_throughput)
@@ -146,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         settings = LocalSettings(
             model=args.model, slo=slo, workload=workload, rate=rate, step_seconds=args.step_seconds,
             confirm_seconds=args.confirm_seconds,
-            warmup_s=args.warmup_seconds, engine_port=port, serve_args=["--max-model-len", str(max_model_len)],
+            warmup_s=args.warmup_seconds, engine_port=port, serve_args=to_flags(fixed),
             launcher=args.launcher, gpus=args.gpus if target == "gpu" else 1, workdir=out / "logs")
         study = TunerStudy(state)
         for params in enqueued:
@@ -185,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
 
         best_record = study.best()
-        serve_flags = ["--model", args.model, *settings.serve_args, *engine_flags(best_record.params)] \
+        serve_flags = [*to_flags({"model": args.model}), *settings.serve_args, *engine_flags(best_record.params)] \
             if best_record else []
         best = write_report(study, out, args.model, slo, serve_flags, settings.measured_with())
         print(summary_line(best), flush=True)

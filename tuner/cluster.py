@@ -22,11 +22,10 @@ store `ClusterState.model_dump_json()` in the ConfigMap after every call.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Literal
 
 from kvpilot.tuner.metrics import WindowMetrics
 from kvpilot.tuner.objective import SLO, Measurement, RateSearch, RateSearchSettings, TrialOutcome, outcome
-from kvpilot.tuner.space import SearchSpace, gpu_space
 from kvpilot.tuner.study import Params, StudyState, TunerStudy
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -218,63 +217,3 @@ def advance(state: ClusterState, s: ClusterSettings, obs: Observation) -> tuple[
     if rate is None:
         return state, _end_trial(state, s, outcome(search, s.gpus), obs.now)
     return state, _load(state, s, rate, obs.now)
-
-
-def settings_from_spec(spec: Any, revision_prefix: str = "trial") -> ClusterSettings:
-    """ClusterSettings from an InferenceServiceSpec (kvpilot.operator.spec), read by attribute so the tuner
-    does not import the operator."""
-    t = spec.tuning
-    rate = t.workload.request_rate
-    settings = RateSearchSettings()
-    if rate.requests_per_second is not None:  # a fixed arrival rate: one step, no search
-        settings = RateSearchSettings(start_rate=rate.requests_per_second, steps=1)
-    elif rate.max_requests_per_second is not None:
-        settings = RateSearchSettings(max_rate=rate.max_requests_per_second)
-    return ClusterSettings(
-        enabled=t.enabled, max_trials=t.max_trials, rate=settings,
-        step_seconds=t.trial_duration_seconds / settings.steps,
-        slo=SLO(ttft_p95_ms=spec.slo.ttft_p95_ms, itl_p95_ms=spec.slo.itl_p95_ms, min_throughput_tokens_per_second=
-                _per_replica(spec.slo.min_throughput_tokens_per_second, spec.replicas)),
-        ready_timeout_s=spec.rollout.ready_timeout_seconds, gpus=max(1, spec.resources.gpus_per_replica),
-        retune_below_attainment=t.retune_below_attainment, revision_prefix=revision_prefix)
-
-
-def _per_replica(service_floor: float | None, replicas: int) -> float | None:
-    """minThroughputTokensPerSecond holds for the whole service; a trial measures one of its replicas."""
-    return None if service_floor is None else service_floor / max(1, replicas)
-
-
-def space_from_spec(spec: Any) -> SearchSpace:
-    """Issue 6's GPU space for the replica's GPUs, narrowed by spec.tuning.searchSpace."""
-    overrides = spec.tuning.search_space.model_dump(exclude_none=True)
-    return gpu_space(max(1, spec.resources.gpus_per_replica)).with_overrides(overrides)
-
-
-def tuning_status(state: ClusterState, engine: dict[str, Any]) -> dict[str, Any]:
-    """status.tuning in the CRD's shape (kvpilot.operator.status.TuningStatus, camelCase); `engine` is the active
-    revision's engine config (camelCase), which supplies the knobs the study does not search."""
-    study = TunerStudy(state.study)
-    best = study.best()
-
-    def summary(number: int, params: Params, result: TrialOutcome | None, revision: str | None) -> dict[str, Any]:
-        return {
-            "number": number, "revision": revision, "config": {**engine, **_camel(params)},
-            "feasible": result is None or result.status != "infeasible",
-            "goodputTokensPerSecond": None if result is None else round(result.goodput_tokens_per_s, 2),
-            "ttftP95Ms": None if result is None or result.ttft_p95_s is None else round(result.ttft_p95_s * 1000, 2),
-            "itlP95Ms": None if result is None or result.itl_p95_s is None else round(result.itl_p95_s * 1000, 2),
-        }
-
-    phase = {"Idle": "Idle", "Deploying": "Running", "Loading": "Running", "Done": "Done", "Failed": "Failed"}
-    return {
-        "state": phase[state.phase] if state.study.records or state.trial else "Idle",
-        "trialsRun": study.trials_run,
-        "currentTrial": None if state.trial is None else summary(
-            len(state.study.records), state.trial.params, None, state.trial.revision),
-        "best": None if best is None else summary(best.number, best.params, best.outcome, best.note or None),
-        "message": state.message or None,
-    }
-
-
-def _camel(params: Params) -> dict[str, float | int]:
-    return {"".join(w if i == 0 else w.capitalize() for i, w in enumerate(k.split("_"))): v for k, v in params.items()}

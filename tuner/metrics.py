@@ -1,4 +1,11 @@
-"""Reading one load step's latency and throughput: PromQL through prometheus-api-client, or the engine's /metrics.
+"""Every PromQL query kvpilot makes, and the one Prometheus client that sends them (prometheus-api-client).
+
+The tuner's load steps, the operator's verification window, its live SLO reading and the re-tuning
+attainment all build their queries here, over label selectors whose values are escaped, and read them
+through `Prometheus`: TLS verification on (a CA bundle may be given), and errors reduced to what can be
+shown in a status condition, never a response body.
+
+Reading one load step's latency and throughput: PromQL through prometheus-api-client, or the engine's /metrics.
 
 A step is a window [start, end] after its warm-up. Counters and histogram buckets are cumulative, so the
 window's figures are differences of the values at its two ends (`x - x offset W` in PromQL): exact at
@@ -13,7 +20,7 @@ import re
 import time
 from collections.abc import Mapping
 from datetime import UTC
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -71,6 +78,11 @@ def rate_query(counter: str, labels: Mapping[str, str], window: str = "1m") -> s
     return f"sum(rate({counter}{selector(labels)}[{window}]))"
 
 
+def live_quantile_query(histogram: str, labels: Mapping[str, str], window_seconds: float, q: float = 0.95) -> str:
+    """The live view of a latency: its p-quantile over the last window, from the buckets' rates."""
+    return f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket{selector(labels)}[{int(window_seconds)}s])))"
+
+
 def buckets_query(histogram: str, labels: Mapping[str, str], window: str = "5m") -> str:
     """Each bucket's increase over the last `window`: the live view behind SLO attainment."""
     return f"sum by (le) (increase({histogram}_bucket{selector(labels)}[{window}]))"
@@ -126,18 +138,83 @@ class Reader(Protocol):
     def window(self, start: object, end: object) -> WindowMetrics: ...
 
 
+class PrometheusError(Exception):
+    """A query that failed, said in a way fit for a status condition: the status code or the kind of failure."""
+
+
+class Prometheus:
+    """The Prometheus HTTP API through prometheus-api-client, with TLS verification on."""
+
+    def __init__(self, url: str, ca_bundle: str | None = None) -> None:
+        from prometheus_api_client import PrometheusConnect
+
+        self.url = url
+        self._prom = PrometheusConnect(url=url, disable_ssl=False)
+        if ca_bundle:
+            self._prom._session.verify = ca_bundle
+
+    def vector(self, query: str, at: float | None = None) -> list[dict[str, Any]]:
+        from datetime import datetime
+
+        params = {} if at is None else {"time": datetime.fromtimestamp(at, tz=UTC).isoformat()}
+        try:
+            return list(self._prom.custom_query(query, params=params))
+        except Exception as exc:  # prometheus-api-client and requests raise several unrelated types
+            code = re.search(r"HTTP Status Code (\d+)", str(exc))
+            why = f"HTTP {code.group(1)}" if code else type(exc).__name__
+            raise PrometheusError(f"Prometheus query failed: {why}") from None
+
+    def scalar(self, query: str, at: float | None = None) -> float | None:
+        """The single value of an instant query; None when there are no samples (or NaN, Inf)."""
+        rows = self.vector(query, at)
+        if not rows:
+            return None
+        value = float(rows[0]["value"][1])
+        return None if math.isnan(value) or math.isinf(value) else value
+
+
+class LiveWindow(BaseModel):
+    ttft_p95_s: float | None = None
+    itl_p95_s: float | None = None
+    tokens_per_second: float | None = None
+
+
+def live_window(prom: Prometheus, labels: Mapping[str, str], window_seconds: float) -> LiveWindow:
+    """A live revision's (or a candidate's) TTFT p95, ITL p95 and generation rate over the last window."""
+    return LiveWindow(
+        ttft_p95_s=prom.scalar(live_quantile_query(TTFT, labels, window_seconds)),
+        itl_p95_s=prom.scalar(live_quantile_query(ITL, labels, window_seconds)),
+        tokens_per_second=prom.scalar(rate_query(GENERATION_TOKENS, labels, f"{int(window_seconds)}s")),
+    )
+
+
+def attainment(prom: Prometheus, labels: Mapping[str, str], targets_s: Mapping[str, float | None],
+               window_seconds: float) -> float | None:
+    """Share of requests within every target over the window (the worse of the histograms named in
+    `targets_s`, e.g. {TTFT: 0.5}); None when the window holds no requests."""
+    shares = []
+    for histogram, target_s in targets_s.items():
+        if target_s is None:
+            continue
+        rows = prom.vector(buckets_query(histogram, labels, f"{int(window_seconds)}s"))
+        buckets = {float(r["metric"]["le"]): float(r["value"][1]) for r in rows if "le" in r.get("metric", {})}
+        share = share_within({b: v for b, v in buckets.items() if not math.isnan(v)}, target_s)
+        if share is not None:
+            shares.append(share)
+    return min(shares, default=None)
+
+
 class PrometheusReader:
     """PromQL against a real Prometheus, over the series carrying `labels` (e.g. one trial's revision)."""
 
     source = "prometheus"
 
-    def __init__(self, url: str, labels: Mapping[str, str], scrape_interval_s: float = 1.0) -> None:
-        from prometheus_api_client import PrometheusConnect
-
+    def __init__(self, url: str, labels: Mapping[str, str], scrape_interval_s: float = 1.0,
+                 ca_bundle: str | None = None) -> None:
         self.url = url
         self.labels = dict(labels)
         self.scrape_interval_s = scrape_interval_s
-        self._prom = PrometheusConnect(url=url, disable_ssl=True)
+        self._prom = Prometheus(url, ca_bundle)
 
     def mark(self) -> float:
         return time.time()
@@ -153,14 +230,7 @@ class PrometheusReader:
             time.sleep(self.scrape_interval_s / 2)
 
     def _scalar(self, query: str, at: float) -> float | None:
-        from datetime import datetime
-
-        result = self._prom.custom_query(query, params={"time": datetime.fromtimestamp(at, tz=UTC)
-                                                         .isoformat()})
-        if not result:
-            return None
-        value = float(result[0]["value"][1])
-        return None if math.isnan(value) else value
+        return self._prom.scalar(query, at)
 
     def window(self, start: object, end: object) -> WindowMetrics:
         t0, t1 = float(start), float(end)  # type: ignore[arg-type]

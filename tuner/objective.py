@@ -13,14 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class SLO(BaseModel):
-    """Targets from `spec.slo` (milliseconds, as the CRD has them)."""
+    """Latency and throughput targets (milliseconds, as `spec.slo` has them): the one SLO model, and its judge,
+    for the tuner, the operator's verification and the live reading alike."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ttft_p95_ms: float | None = Field(default=None, gt=0)
-    itl_p95_ms: float | None = Field(default=None, gt=0)
-    min_throughput_tokens_per_second: float | None = Field(default=None, ge=0)
-
+    ttft_p95_ms: float | None = Field(default=None, gt=0, description="Time to first token, p95, ms.")
+    itl_p95_ms: float | None = Field(default=None, gt=0, description="Inter-token latency, p95, ms.")
+    min_throughput_tokens_per_second: float | None = Field(
+        default=None, ge=0, description="Generated tokens per second the whole service must sustain."
+    )
 
     def tightened(self, headroom: float) -> SLO:
         """Latency targets `headroom` below the real ones: what a trial must meet to be credited, so the credited
@@ -29,6 +31,35 @@ class SLO(BaseModel):
             "ttft_p95_ms": None if self.ttft_p95_ms is None else self.ttft_p95_ms * (1 - headroom),
             "itl_p95_ms": None if self.itl_p95_ms is None else self.itl_p95_ms * (1 - headroom),
         })
+
+    def overshoot(self, ttft_p95_s: float | None, itl_p95_s: float | None) -> dict[str, float | None]:
+        """Per latency target that is declared: how far over it the reading is (relative; <= 0 within it),
+        None where there is no reading."""
+        out: dict[str, float | None] = {}
+        for label, target_ms, got_s in (("TTFT p95", self.ttft_p95_ms, ttft_p95_s),
+                                         ("ITL p95", self.itl_p95_ms, itl_p95_s)):
+            if target_ms is not None:
+                out[label] = None if got_s is None else got_s * 1000 / target_ms - 1
+        return out
+
+    def judge(self, ttft_p95_s: float | None, itl_p95_s: float | None, tokens_per_second: float | None,
+              check_throughput: bool) -> tuple[bool, list[str]] | None:
+        """(met, what failed) over the readings there are; None when there is nothing to judge."""
+        failures: list[str] = []
+        judged = False
+        for label, over in self.overshoot(ttft_p95_s, itl_p95_s).items():
+            if over is not None:
+                judged = True
+                if over > 0:
+                    seen = ttft_p95_s if label.startswith("TTFT") else itl_p95_s
+                    limit = self.ttft_p95_ms if label.startswith("TTFT") else self.itl_p95_ms
+                    failures.append(f"{label} {(seen or 0) * 1000:.1f} ms > {limit:.1f} ms")
+        floor = self.min_throughput_tokens_per_second
+        if check_throughput and floor is not None and tokens_per_second is not None:
+            judged = True
+            if tokens_per_second < floor:
+                failures.append(f"throughput {tokens_per_second:.1f} tok/s < {floor:.1f}")
+        return (not failures, failures) if judged else None
 
 
 class Measurement(BaseModel):
@@ -48,13 +79,9 @@ class Measurement(BaseModel):
     def violation(self, slo: SLO) -> float:
         """How far over the SLOs, as the largest relative overshoot (0 when met)."""
         worst = 0.0
-        for target_ms, got_s in ((slo.ttft_p95_ms, self.ttft_p95_s), (slo.itl_p95_ms, self.itl_p95_s)):
-            if target_ms is None:
-                continue
-            if got_s is None:  # requests completed but the metrics saw nothing: not evidence the SLO held
-                worst = max(worst, 1.0 if self.requests_ok else 0.0)
-            else:
-                worst = max(worst, got_s * 1000 / target_ms - 1)
+        for over in slo.overshoot(self.ttft_p95_s, self.itl_p95_s).values():
+            # requests completed but the metrics saw nothing: not evidence the SLO held
+            worst = max(worst, (1.0 if self.requests_ok else 0.0) if over is None else over)
         if self.requests_failed:
             worst = max(worst, self.requests_failed / max(1, self.requests_ok + self.requests_failed))
         return worst

@@ -36,43 +36,59 @@ def scrape_config(target: str, interval_s: float) -> str:
     )
 
 
+class PrometheusProcess:
+    """The `prometheus` binary on a free loopback port, with a config file; the one launcher, for `kvpilot tune`
+    and the e2e harness alike."""
+
+    def __init__(self, config: Path, data_dir: Path, log_path: Path, binary: str = "prometheus") -> None:
+        exe = shutil.which(binary)
+        if exe is None:
+            raise FileNotFoundError(f"no {binary!r} binary on PATH (Debian/Ubuntu: apt-get install prometheus)")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [exe, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d"],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                self._log.flush()
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/-/ready", timeout=1.0).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prometheus not ready within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
 @contextlib.contextmanager
 def local_prometheus(target: str, interval_s: float = 0.5, binary: str = "prometheus",
                      ready_timeout_s: float = 30.0) -> Iterator[str]:
     """Run Prometheus scraping `target` (host:port); yields its URL and stops it (and its data) afterwards."""
-    exe = shutil.which(binary)
-    if exe is None:
-        raise FileNotFoundError(f"no {binary!r} binary on PATH (Debian/Ubuntu: apt-get install prometheus)")
     with tempfile.TemporaryDirectory(prefix="kvpilot-prom-") as tmp:
         config = Path(tmp) / "prometheus.yml"
         config.write_text(scrape_config(target, interval_s))
-        port = free_port()
-        log = (Path(tmp) / "prometheus.log").open("wb")
-        proc = subprocess.Popen(
-            [exe, f"--config.file={config}", f"--storage.tsdb.path={tmp}/data",
-             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1d"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
+        prometheus = PrometheusProcess(config, Path(tmp) / "data", Path(tmp) / "prometheus.log", binary)
         try:
-            deadline = time.monotonic() + ready_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    log.flush()
-                    tail = (Path(tmp) / "prometheus.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{tail}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/-/ready", timeout=1.0).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"prometheus not ready within {ready_timeout_s:.0f} s")
-                time.sleep(0.1)
-            yield url
+            prometheus.wait_ready(ready_timeout_s)
+            yield prometheus.url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+            prometheus.stop()

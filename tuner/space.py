@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Knob(BaseModel):
@@ -20,13 +20,22 @@ class Knob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    name: str = Field(description="an EngineConfig field: the knob reaches the engine as that field's flag")
     kind: Literal["float", "int", "choice"]
     low: float | None = None
     high: float | None = None
     log: bool = False
     choices: tuple[int, ...] | None = None
     fixed: float | None = Field(default=None, description="pinned: the study does not search it")
+
+    @field_validator("name")
+    @classmethod
+    def _engine_field(cls, name: str) -> str:
+        from kvpilot.engine.config import EngineConfig
+
+        if name not in EngineConfig.model_fields:
+            raise ValueError(f"{name!r} is not an EngineConfig field, so no engine would read it")
+        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> Knob:
@@ -213,8 +222,7 @@ def cpu_space(max_model_len: int) -> SearchSpace:
 
 
 def engine_flags(params: Mapping[str, float | int]) -> list[str]:
-    """`kvpilot serve` flags for a configuration (vLLM's spelling: underscores become dashes)."""
-    flags: list[str] = []
-    for name, value in params.items():
-        flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags
+    """`kvpilot serve` flags for a configuration, spelled as EngineConfig's flags (`--max-num-seqs=64`)."""
+    from kvpilot.engine.flags import to_flags
+
+    return to_flags(params)

@@ -1,4 +1,4 @@
-"""`kvpilot serve`: the OpenAI-compatible server, engine knobs as flags named as in vLLM.
+"""`kvpilot serve`: the OpenAI-compatible server; engine flags come from EngineConfig (engine/flags.py).
 
 uvicorn's own signal handling would stop the server with streams still open; here SIGTERM (and
 SIGINT) start a graceful drain instead, and the server exits 0 once it is done. A second signal
@@ -21,37 +21,10 @@ from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
-# flag dest -> EngineConfig field; a flag left unset keeps EngineConfig's default.
-_ENGINE_FLAGS = (
-    "model", "revision", "served_model_name", "dtype", "device", "load_format", "seed", "block_size",
-    "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "max_num_seqs",
-    "max_num_batched_tokens", "max_model_len", "max_request_share", "enable_prefix_caching", "tensor_parallel_size",
-    "attention_backend", "enforce_eager",
-)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    e = parser.add_argument_group("engine (vLLM's names)")
-    e.add_argument("--model", required=True, help="Hugging Face model directory, or 'demo'")
-    e.add_argument("--revision", help="model revision label reported in metrics (default: local)")
-    e.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
-    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    e.add_argument("--load-format", choices=["auto", "safetensors", "dummy"])
-    e.add_argument("--seed", type=int)
-    e.add_argument("--block-size", type=int, help="tokens per KV-cache block")
-    e.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory to use (0..1]")
-    e.add_argument("--num-kv-blocks", type=int, help="explicit KV pool size in blocks (overrides sizing)")
-    e.add_argument("--kv-cache-memory-bytes", type=int, help="KV pool byte budget")
-    e.add_argument("--max-num-seqs", type=int, help="most sequences in one step")
-    e.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
-    e.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
-    e.add_argument("--max-request-share", type=float,
-                   help="most of max_num_seqs and of a step's tokens one request may hold while others wait")
-    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    e.add_argument("--tensor-parallel-size", type=int)
-    e.add_argument("--attention-backend", choices=["auto", "torch", "triton"])
-    e.add_argument("--enforce-eager", action="store_true", default=None, help="never capture CUDA graphs")
+    from kvpilot.engine.flags import add_engine_flags
+
+    add_engine_flags(parser.add_argument_group("engine (EngineConfig's knobs, vLLM's names)"))
     s = parser.add_argument_group("server")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8000)
@@ -107,11 +80,11 @@ class DrainingServer(uvicorn.Server):
 def run(args: argparse.Namespace) -> int:
     from kvpilot.engine.async_engine import AsyncEngine
     from kvpilot.engine.config import EngineConfig
+    from kvpilot.engine.flags import engine_values
     from kvpilot.engine.server.app import ServerOptions, build_app
 
-    fields = {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
     try:
-        config = EngineConfig(**fields)
+        config = EngineConfig(**engine_values(args))
         options = ServerOptions(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                                 drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup)
     except ValidationError as exc:

@@ -62,5 +62,9 @@ def test_container_command_runs_locally_on_the_given_port() -> None:
         "--port",
         "1234",
     ]
+    joined = {**container, "args": ["--model=/mnt/model/sub", "--host=0.0.0.0", "--port=8000", "--no-warmup"]}
+    assert container_command(joined, volumes, 1234)[4:] == [
+        "--model=/data/m/sub", "--host=127.0.0.1", "--port=1234", "--no-warmup"
+    ]
     with pytest.raises(ValueError, match="only `kvpilot"):
         container_command({"command": ["sh"]}, [], 1)

@@ -3,7 +3,10 @@ decode give the same greedy tokens as the PyTorch reference backend on a tiny fp
 
 from __future__ import annotations
 
+import pytest
 from kvpilot.engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow  # the whole engine through Triton's CPU interpreter
 
 
 def test_engine_greedy_tokens_match_reference_backend(tiny_model) -> None:

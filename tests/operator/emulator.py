@@ -21,6 +21,7 @@ class Emulator(ApiServer):
         self.conflicts: collections.Counter[tuple[str, str, str | None]] = collections.Counter()
         self.conflicts_served: list[tuple[str, str, str | None]] = []
         self.writes: list[tuple[str, str, Any]] = []  # (method, path, body) of every write, for assertions
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, query) of every API request
 
     def inject_conflicts(self, method: str, plural: str, times: int, subresource: str | None = None) -> None:
         """The next `times` matching requests get 409 Conflict without touching any object."""
@@ -43,7 +44,13 @@ class Emulator(ApiServer):
                 return [dict(v) for v in obj.history if v is not None]
         return []
 
+    def passes(self, name: str) -> int:
+        """Reconcile passes so far over one InferenceService: each starts by reading it fresh."""
+        path = f"/apis/kvpilot.dev/v1alpha1/namespaces/default/inferenceservices/{name}"
+        return sum(method == "GET" and p == path and "watch" not in q for method, p, q in self.requests)
+
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        self.requests.append((request.method.value, request.url.path, request.url.query_string))
         if request.resource is not None:
             if request.method.value != "GET":
                 self.writes.append((request.method.value, request.url.path, request.data))

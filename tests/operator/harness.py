@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from urllib.parse import parse_qs, urlparse
 import kopf
 from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.main import build_registry
+from kvpilot.tuner.prometheus import free_port
 
 
 class OperatorThread:
@@ -163,13 +163,19 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
+async def wait_passes(em: Any, name: str, n: int, timeout: float = 30.0) -> int:
+    """Wait until the operator has made `n` more reconcile passes over `name` (each reads it fresh);
+    returns the passes made: what "nothing happened" is asserted over, instead of a sleep."""
+    start = em.passes(name)
+    await eventually(lambda: em.passes(name) >= start + n, timeout, f"{n} reconcile passes over {name}")
+    return em.passes(name) - start
+
+
 class OperatorProcess:
     """`kvpilot operator` as its own process, as it runs in a cluster; kill() is SIGKILL, no goodbye."""
 
     def __init__(self, config: OperatorConfig, log_path: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.args = [
             sys.executable,
             "-m",

@@ -79,6 +79,10 @@ def test_chart_renders_valid_manifests(name: str):
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
         assert crd["spec"] == yaml.safe_load((ROOT / "crds" / "inferenceservices.kvpilot.dev.yaml").read_text())["spec"]
         assert ("ClusterRoleBinding", "kvpilot-manager") in kinds
+        # Before: every Secret in the cluster was readable by default, and `update` granted on everything.
+        rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
+        assert not any("secrets" in r["resources"] for r in rules)
+        assert not any("update" in r["verbs"] or "events.k8s.io" in r["apiGroups"] for r in rules)
     if name == "namespaced-with-monitoring":
         bindings = [d for d in docs if d["kind"] == "RoleBinding"]
         assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]

@@ -10,7 +10,7 @@ from kvpilot.operator import resources as res
 from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.load_job import SUMMARY_PATH, lengths, load_job, load_result, workload_args
 from kvpilot.operator.spec import LengthDistribution, WorkloadSpec, parse_spec
-from kvpilot.operator.tuning import TuningDriver
+from kvpilot.operator.tuning_observe import TrialObserver
 from kvpilot.tuner.metrics import share_within
 
 from .conftest import BASE_SPEC
@@ -94,9 +94,10 @@ def test_live_attainment_is_the_worse_share_within_the_slo():
     try:
         spec = parse_spec({**BASE_SPEC, "slo": {"ttftP95Ms": 500, "itlP95Ms": 50},
                            "monitoring": {"prometheusUrl": prometheus.url}, "tuning": {"enabled": True}})
-        driver = TuningDriver(None, "llm", "uid", spec, OperatorConfig(), None, None)  # type: ignore[arg-type]
-        assert driver._attainment("live") == 0.9
+        applier = type("Applier", (), {"namespace": "default"})()
+        observer = TrialObserver(applier, "llm", spec, OperatorConfig(allowed_prometheus_urls=[prometheus.url]))  # type: ignore[arg-type]
+        assert observer._attainment("live") == 0.9
         assert any("sum by (le) (increase(kvpilot:inter_token_latency_seconds_bucket" in q for q in prometheus.queries)
-        assert driver._attainment("other") is None  # no traffic: no reason to re-tune
+        assert observer._attainment("other") is None  # no traffic: no reason to re-tune
     finally:
         prometheus.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from .conftest import NAMESPACE, isvc
 from .emulator import Emulator
 from .flows import (
@@ -17,7 +15,7 @@ from .flows import (
     patch_spec,
     selector,
 )
-from .harness import OperatorProcess, eventually
+from .harness import OperatorProcess, eventually, wait_passes
 
 
 def stable_selectors(em: Emulator, name: str) -> list[str]:
@@ -47,7 +45,7 @@ async def test_upgrade_promotes_then_retires_the_old_revision(emulator, start_op
     start_operator()
     await create(api, isvc("llm", rollout={"readyTimeoutSeconds": 30, "scaleDownDelaySeconds": 3}))
     old, new = await start_upgrade(api, em, "llm")
-    await asyncio.sleep(0.5)
+    await wait_passes(em, "llm", 3)
     assert selector(em, "llm") == old  # a candidate that is not ready takes no traffic
 
     # The spec has moved on, yet the serving revision is still repaired: rebuilt from its ConfigMap.
@@ -96,7 +94,7 @@ async def test_candidate_never_ready_is_rolled_back(emulator, start_operator, ap
     await eventually(lambda: "RolledBack" in event_reasons(em, "llm"), what="RolledBack Event")
     assert stable_selectors(em, "llm") == [old]  # traffic never left the old revision
     assert pods.calls == []
-    await asyncio.sleep(0.5)
+    await wait_passes(em, "llm", 5)
     assert deployment_names(em) == {f"llm-{old}"}  # a failed revision is not retried until the spec changes
 
 
@@ -123,7 +121,6 @@ async def test_operator_restarted_mid_rollout_completes_it(emulator, start_opera
     await first.stop()
 
     await mark_ready(api, em, f"llm-{new}")  # the candidate becomes ready while no operator runs
-    await asyncio.sleep(0.3)
     assert selector(em, "llm") == old and isvc_status(em, "llm")["rollout"]["step"] == "Deploying"
 
     start_operator()

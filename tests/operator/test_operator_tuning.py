@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import time
@@ -20,12 +21,13 @@ from typing import Any
 
 import httpx
 import pytest
+from kvpilot.engine.config import EngineConfig
 from kvpilot.operator.config import OperatorConfig
 
 from .conftest import NAMESPACE, isvc
 from .emulator import Emulator
 from .flows import MERGE, condition, create, deploy_ready, deployment_names, event_reasons, isvc_status, mark_ready
-from .harness import FakePrometheus, PodDouble, eventually
+from .harness import FakePrometheus, PodDouble, eventually, wait_passes
 
 OUTPUT_TOKENS = 32
 CRASHING_SEQS = 200  # trials at or above this crash-loop: "the KV pool is too small for that many sequences"
@@ -64,7 +66,14 @@ class SurfacePrometheus(FakePrometheus):
 
 
 def _arg(args: list[str], flag: str) -> str:
-    return args[args.index(flag) + 1]
+    """`--flag=value` (the engine's arguments; absent: the engine's default) or `--flag value` (the load
+    generator's)."""
+    joined = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+    if joined:
+        return joined[0]
+    if flag in args:
+        return args[args.index(flag) + 1]
+    return str(EngineConfig.model_fields[flag.removeprefix("--").replace("-", "_")].default)
 
 
 class Controllers:
@@ -123,7 +132,8 @@ class Controllers:
                    "failed": 0, "failures": {}, "output_throughput": min(rate, cap) * OUTPUT_TOKENS}
         terminated = {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)}
         finished = {"phase": "Succeeded", "containerStatuses": [{"name": "load", "state": {"terminated": terminated}}]}
-        await self._pod(f"{name}-abcde", {"job-name": name}, job, finished)
+        labels = {**job["spec"]["template"]["metadata"]["labels"], "job-name": name}  # as the Job controller sets
+        await self._pod(f"{name}-abcde", labels, job, finished)
         status = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True", "reason": "Completed"}]}
         path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{name}/status"
         response = await self.api.patch(path, json={"status": status}, headers=MERGE)
@@ -163,8 +173,9 @@ async def controllers(api, emulator, surface) -> AsyncIterator[Controllers]:
 
 
 @pytest.fixture()
-def operator_config(pods: PodDouble) -> OperatorConfig:
-    return OperatorConfig(resync_seconds=0.2, service_url_template=pods.url_template, scrape_interval_seconds=0.05)
+def operator_config(pods: PodDouble, surface: SurfacePrometheus) -> OperatorConfig:
+    return OperatorConfig(resync_seconds=0.2, service_url_template=pods.url_template, scrape_interval_seconds=0.05,
+                          allowed_prometheus_urls=[surface.url])
 
 
 def tuned_isvc(prometheus_url: str) -> dict[str, Any]:
@@ -237,6 +248,14 @@ async def test_tuning_trials_persist_across_restart_and_the_best_is_promoted(
     assert len(controllers.jobs_seen) >= 5  # at least one load step per feasible trial
     reasons = set(event_reasons(em, "llm"))
     assert {"TrialStarted", "TrialFinished", "TuningPromoted"} <= reasons
+    # One Phase Event per real transition of the stored phase, though tuning and the rollout both speak each pass.
+    phases = [v.get("status", {}).get("phase") for v in em.versions("inferenceservices", NAMESPACE, "llm")]
+    changes = [b for a, b in itertools.pairwise(phases) if b and a != b]
+    assert changes.count("Tuning") >= 1 and changes.count("Ready") >= 2  # Ready, Tuning for the study, Ready
+    await eventually(lambda: [r for r in event_reasons(em, "llm") if r.startswith("Phase")].count("PhaseReady")
+                     >= changes.count("Ready"), what="a PhaseReady Event per transition to Ready")
+    posted = [r.removeprefix("Phase") for r in event_reasons(em, "llm") if r.startswith("Phase")]
+    assert {p: posted.count(p) for p in ("Ready", "Tuning")} == {p: changes.count(p) for p in ("Ready", "Tuning")}
 
 
 async def test_tuning_waits_for_prometheus(emulator, start_operator, api, surface):
@@ -301,7 +320,7 @@ async def test_live_attainment_below_the_threshold_starts_the_study_over(
     await eventually(lambda: (c := condition(em, "llm", "Tuned")) and c["status"] == "True", timeout=60,
                      what="first study done", detail=lambda: json.dumps(isvc_status(em, "llm"))[:3000])
     surface.live_share = 0.95  # within the SLO often enough: the study stays done
-    await asyncio.sleep(1.0)
+    await wait_passes(em, "llm", 5)
     assert study(em)["phase"] == "Done"
     surface.live_share = 0.5
     restarted = await eventually(lambda: (s := study(em)) and s["phase"] != "Done" and s, timeout=30,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvpilot.operator import resources as res
-from kvpilot.operator.apply import is_subset
+from kvpilot.operator.apply import taken_over
 from kvpilot.operator.spec import parse_spec
 
 from .conftest import BASE_SPEC
@@ -20,6 +20,8 @@ def test_revision_follows_the_pod_template_inputs_only():
     assert res.revision_of(spec(model={**BASE_SPEC["model"], "revision": "r2"})) != base
     assert res.revision_of(spec(engine={**BASE_SPEC["engine"], "maxNumSeqs": 8})) != base
     assert res.revision_of(spec(engine={**BASE_SPEC["engine"], "image": "other:1"})) != base
+    # A knob set to the engine's default is the configuration the engine runs anyway.
+    assert res.revision_of(spec(engine={**BASE_SPEC["engine"], "maxNumSeqs": 256, "tensorParallelSize": 1})) == base
     # Scaling, SLOs and rollout settings are not a new revision.
     assert res.revision_of(spec(replicas=3)) == base
     assert res.revision_of(spec(slo={"ttftP95Ms": 100})) == base
@@ -38,11 +40,11 @@ def test_engine_command_line_carries_every_knob():
         }
     )
     args = res.engine_args(s, "abc", "/m")
-    pairs = dict(zip(args[::2], args[1::2], strict=False))
+    pairs = dict(a.split("=", 1) for a in args[:-2] if "=" in a)
     assert pairs["--model"] == "/m" and pairs["--served-model-name"] == "demo" and pairs["--revision"] == "abc"
     assert pairs["--gpu-memory-utilization"] == "0.8" and pairs["--max-num-seqs"] == "64"
     assert pairs["--max-num-batched-tokens"] == "2048" and pairs["--max-model-len"] == "2048"
-    assert pairs["--tensor-parallel-size"] == "1"
+    assert "--tensor-parallel-size" not in pairs  # unset: the engine's default
     assert "--no-enable-prefix-caching" in args and args[-2:] == ["--seed", "1"]
 
 
@@ -59,7 +61,7 @@ def test_gpu_pod_on_a_pvc_model():
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
-    assert container["args"][container["args"].index("--model") + 1] == "/mnt/model/llama-8b"
+    assert "--model=/mnt/model/llama-8b" in container["args"]
     assert pod["terminationGracePeriodSeconds"] > 30 + res.PRESTOP_SLEEP_SECONDS
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(res.PRESTOP_SLEEP_SECONDS)]
     env = {e["name"]: e for e in container["env"]}
@@ -71,8 +73,8 @@ def test_hostpath_and_image_directory_models():
     host = res.pod_template("a", spec(model={"name": "m", "uri": "hostpath:///data/m"}), "r")["spec"]
     assert next(v for v in host["volumes"] if v["name"] == "model")["hostPath"]["path"] == "/data/m"
     image = res.pod_template("a", spec(model={"name": "m", "uri": "/opt/models/m"}), "r")["spec"]
-    assert [v["name"] for v in image["volumes"]] == ["dshm"]
-    assert image["containers"][0]["args"][1] == "/opt/models/m"
+    assert [v["name"] for v in image["volumes"]] == ["dshm", "tmp"]
+    assert image["containers"][0]["args"][0] == "--model=/opt/models/m"
 
 
 def test_services_select_by_revision_and_monitoring_switches():
@@ -99,16 +101,22 @@ def test_deployment_readiness_needs_the_current_generation():
     assert not res.deployment_ready(dep)
 
 
-def test_subset_comparison_ignores_server_defaults_but_not_changes():
-    desired = {"spec": {"ports": [{"port": 8000}], "selector": {"a": "1"}}}
-    assert is_subset(
-        desired,
-        {"spec": {"ports": [{"port": 8000, "protocol": "TCP"}], "selector": {"a": "1"}, "clusterIP": "10.0.0.1"}},
-    )
-    assert not is_subset(desired, {"spec": {"ports": [{"port": 8000}], "selector": {"a": "2"}}})
-    assert not is_subset(desired, {"spec": {"ports": [], "selector": {"a": "1"}}})
-    # The API server drops empty lists and maps: what we send as [] or {} must not look like drift.
-    assert is_subset({"spec": {"env": [], "nodeSelector": {}, "x": 1}}, {"spec": {"x": 1}})
+def test_drift_is_a_field_of_ours_that_another_manager_owns():
+    desired = {"metadata": {"annotations": {"a": "1"}}, "spec": {"selector": {"rev": "x"}, "ports": [
+        {"name": "http", "port": 8000}]}}
+
+    def live(manager: str, fields: dict) -> dict:
+        return {"metadata": {"managedFields": [
+            {"manager": "kvpilot", "operation": "Apply", "fieldsV1": {"f:spec": {"f:selector": {}}}},
+            {"manager": manager, "operation": "Update", "fieldsV1": fields}]}}
+
+    assert taken_over(live("kubectl-edit", {"f:spec": {"f:selector": {"f:rev": {}}}}), desired) == ["kubectl-edit"]
+    assert taken_over(live("edit", {"f:spec": {"f:ports": {'k:{"name":"http"}': {"f:port": {}}}}}), desired)
+    # The Deployment controller's own annotation, and a status writer, are no drift of ours.
+    assert not taken_over(live("kube-controller-manager", {"f:metadata": {"f:annotations": {"f:rev": {}}}}), desired)
+    status_writer = live("kubelet", {"f:spec": {"f:selector": {"f:rev": {}}}})
+    status_writer["metadata"]["managedFields"][1]["subresource"] = "status"
+    assert not taken_over(status_writer, desired)
 
 
 def test_cpu_threads_round_a_request_up_to_whole_cpus():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from kvpilot.operator.rollout import advance, revisions_to_keep
+from kvpilot.operator import rollout
+from kvpilot.operator.reducer import Event, reduce
+from kvpilot.operator.rollout import revisions_to_keep
 from kvpilot.operator.spec import parse_spec
 from kvpilot.operator.status import InferenceServiceStatus
 from kvpilot.operator.verify import CheckResult
@@ -33,6 +35,16 @@ class FakeChecks:
 
     def slo_window(self, revision: str, seconds: float) -> CheckResult | None:
         return self.slo_verdict
+
+
+def advance(status: InferenceServiceStatus, spec, desired: str, checks: FakeChecks, now: dt.datetime,
+            generation: int, slo_checks: bool) -> list[Event]:
+    """One pass as the reconciler makes it: the rollout's part through the reducer, written back to `status`."""
+    new, events = reduce(status, {"rollout": rollout.advance(status, spec, desired, checks, now, slo_checks)},
+                         generation)
+    for name in type(status).model_fields:
+        setattr(status, name, getattr(new, name))
+    return events
 
 
 def serving(status: InferenceServiceStatus, checks: FakeChecks, **spec_overrides):
@@ -104,3 +116,14 @@ def test_first_deploy_timeout_keeps_waiting_and_says_so():
     checks.ready_revisions.add("A")
     advance(status, spec, "A", checks, T0 + dt.timedelta(seconds=20), 1, slo_checks=False)
     assert status.phase == "Ready"
+
+
+def test_the_machine_leaves_its_input_alone_and_phase_events_mark_real_transitions():
+    status, checks = InferenceServiceStatus(), FakeChecks()
+    spec = parse_spec(BASE_SPEC)
+    before = status.model_copy(deep=True)
+    part = rollout.advance(status, spec, "A", checks, T0, slo_checks=False)
+    assert status == before and part.phase == "Deploying"
+    reasons = [e.reason for e in advance(status, spec, "A", checks, T0, 1, slo_checks=False)]
+    assert reasons.count("PhaseDeploying") == 1
+    assert "PhaseDeploying" not in [e.reason for e in advance(status, spec, "A", checks, T0, 1, slo_checks=False)]

@@ -7,7 +7,6 @@ API key) start their own through `serve`. Clients talk real HTTP, as production 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from fastapi import FastAPI
 from kvpilot.engine.async_engine import AsyncEngine
 from kvpilot.engine.config import EngineConfig
 from kvpilot.engine.server.app import ServerOptions, build_app
+from kvpilot.tuner.prometheus import free_port
 
 SMALL_ENGINE: dict[str, Any] = {
     "model": "demo", "max_model_len": 256, "num_kv_blocks": 160, "max_num_seqs": 16, "device": "cpu",
@@ -30,12 +30,6 @@ SMALL_ENGINE: dict[str, Any] = {
 
 
 DASHBOARD = Path(__file__).parents[2] / "charts" / "kvpilot" / "dashboards" / "kvpilot.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

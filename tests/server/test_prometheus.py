@@ -15,6 +15,8 @@ from kvpilot.engine.server.workloads import RandomWorkload
 
 from tests.server.conftest import RunningServer, dashboard_exprs, free_port
 
+pytestmark = pytest.mark.slow  # a real Prometheus scraping a real server
+
 QUERY = "histogram_quantile(0.95, sum by (le) (rate(kvpilot:time_to_first_token_seconds_bucket[1m])))"
 
 

@@ -45,7 +45,7 @@ def test_overrides_narrow_and_pin_and_reject_unknown() -> None:
     with pytest.raises(ValueError, match="low <= high"):
         gpu_space().with_overrides({"max_num_seqs": {"min": 64, "max": 8}})
     with pytest.raises(ValueError, match="log-scale"):
-        Knob(name="x", kind="int", low=0, high=4, log=True)
+        Knob(name="max_num_seqs", kind="int", low=0, high=4, log=True)
 
 
 def test_suggest_stays_in_bounds_and_pins() -> None:
@@ -72,4 +72,6 @@ def test_canonical_requires_every_knob_and_flags_use_vllm_spelling() -> None:
     with pytest.raises(ValueError, match="lacks 'max_num_seqs'"):
         cpu_space(64).canonical({"num_kv_blocks": 8})
     assert engine_flags({"max_num_seqs": 8, "gpu_memory_utilization": 0.9}) == [
-        "--max-num-seqs", "8", "--gpu-memory-utilization", "0.9"]
+        "--max-num-seqs=8", "--gpu-memory-utilization=0.9"]
+    with pytest.raises(ValueError, match="not an EngineConfig field"):
+        Knob(name="max_num_seq", kind="int", low=1, high=8)
