@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Annotated, Literal
 
+from kvpilot.engine.structured.params import StructuredOutputs
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -48,6 +49,9 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(default=False, description="never capture CUDA graphs")
     async_scheduling: bool = Field(
         default=True, description="prepare the next step on the CPU while the GPU runs this one (outputs unchanged)"
+    )
+    jump_forward: bool = Field(
+        default=True, description="append the tokens a grammar forces without a decoding step for each"
     )
 
     @field_validator("model")
@@ -104,6 +108,8 @@ class SamplingParams(BaseModel):
         default=None, max_length=MAX_LOGIT_BIAS, description="token id -> bias added to its logit before sampling"
     )
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="constrain the output to a JSON schema, regex, choice or grammar")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -127,8 +133,10 @@ class SamplingParams(BaseModel):
 
     @property
     def needs_history(self) -> bool:
-        """Whether sampling reads the sequence's previous tokens (so they must all be on the host)."""
-        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+        """Whether sampling needs every previous token on the host: penalties read them, and a grammar's matcher
+        must accept the last one before the next token's mask can be filled."""
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+                or self.structured_outputs is not None)
 
     @cached_property
     def stop_token_set(self) -> frozenset[int]:

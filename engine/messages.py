@@ -78,10 +78,16 @@ class EngineStats:
     prefix_cache_hits: int = 0
     prefix_cache_queries: int = 0
     num_preemptions: int = 0
+    grammar_compiles: int = 0
+    grammar_compile_seconds: float = 0.0
+    grammar_cache_hits: int = 0
+    jump_forward_tokens: int = 0
 
     def to_wire(self) -> tuple[Any, ...]:
         return (self.num_running, self.num_waiting, self.kv_cache_usage, self.num_free_blocks,
-                self.num_total_blocks, self.prefix_cache_hits, self.prefix_cache_queries, self.num_preemptions)
+                self.num_total_blocks, self.prefix_cache_hits, self.prefix_cache_queries, self.num_preemptions,
+                self.grammar_compiles, self.grammar_compile_seconds, self.grammar_cache_hits,
+                self.jump_forward_tokens)
 
 
 @dataclass(slots=True)

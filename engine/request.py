@@ -9,10 +9,14 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from kvpilot.engine.config import SamplingParams
 from kvpilot.engine.outputs import RequestMetrics
+
+if TYPE_CHECKING:
+    from kvpilot.engine.structured.matchers import SampleGrammar
 
 _seq_ids = itertools.count()
 PLACEHOLDER = -1
@@ -46,6 +50,7 @@ class Sequence:
     num_pending: int = 0  # trailing tokens sampled on the GPU, not yet read back
     finish_reason: str | None = None
     stop_reason: int | None = None
+    grammar: SampleGrammar | None = None  # a constrained sample's matcher, at its last known token
 
     @property
     def params(self) -> SamplingParams:

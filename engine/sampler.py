@@ -1,7 +1,9 @@
-"""From logits to tokens, per request: logit_bias, penalties, min_tokens, temperature, top-k/top-p/min-p, seeds,
-logprobs.
+"""From logits to tokens, per request: a grammar's mask, logit_bias, penalties, min_tokens, temperature,
+top-k/top-p/min-p, seeds, logprobs.
 
-Logprobs are reported from the raw model distribution (before penalties and temperature), as vLLM does.
+A grammar's mask comes first, so nothing after it can revive a token the grammar forbids. Logprobs are
+reported from the model's distribution before penalties and temperature (under a grammar, the masked one), as
+vLLM does. min_tokens does not hold a constrained sample back from ending: its grammar decides where it ends.
 A seeded sample draws only from its own generator, one draw per token, so its tokens do not depend
 on which other requests share the batch; unseeded rows draw together from the engine's generator.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from kvpilot.engine.outputs import TokenLogprob
 from kvpilot.engine.request import Sequence
+from kvpilot.engine.structured.matchers import GrammarMask
 
 
 @dataclass
@@ -31,8 +34,10 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], mask: GrammarMask | None = None) -> SampledBatch:
         """Sample one token per row without waiting for the device (no host synchronisation)."""
+        if mask is not None:
+            mask.apply(logits)
         params = [s.params for s in seqs]
         wants = [p.logprobs for p in params if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants else None
@@ -77,7 +82,8 @@ class Sampler:
         copied = False
         for i, seq in enumerate(seqs):
             p = seq.params
-            banned = seq.num_output_tokens < p.min_tokens and (p.stop_token_ids or not p.ignore_eos)
+            banned = (seq.num_output_tokens < p.min_tokens and (p.stop_token_ids or not p.ignore_eos)
+                      and seq.grammar is None)
             penalized = p.repetition_penalty != 1.0 or (
                 (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens
             )
