@@ -100,10 +100,12 @@ class SamplingParams(BaseModel):
         default_factory=list, max_length=MAX_STOP_STRINGS
     )
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int = Field(default=16, ge=0, description="0: compute the prompt (and its logprobs) only")
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top alternatives returned per token")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="logprobs of the prompt's tokens, with this many alternatives")
     logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         default=None, max_length=MAX_LOGIT_BIAS, description="token id -> bias added to its logit before sampling"
     )
@@ -124,6 +126,8 @@ class SamplingParams(BaseModel):
     def _min_below_max(self) -> SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.max_tokens == 0 and self.n != 1:
+            raise ValueError("max_tokens 0 computes the prompt only: n must be 1")
         return self
 
     @property

@@ -27,7 +27,13 @@ from kvpilot.engine.model_info import ModelInfo
 from kvpilot.engine.outputs import RequestMetrics, TokenLogprob
 from kvpilot.engine.parallel import SINGLE, check_divisible, destroy_process_group
 from kvpilot.engine.request import PLACEHOLDER, Request, SeqStatus, Sequence
-from kvpilot.engine.sampler import SampledBatch, Sampler, read_logprobs
+from kvpilot.engine.sampler import (
+    PromptLogprobBatch,
+    SampledBatch,
+    Sampler,
+    read_logprobs,
+    read_prompt_logprobs,
+)
 from kvpilot.engine.scheduler import Scheduler
 from kvpilot.engine.structured.compiler import GrammarCompiler
 from kvpilot.engine.structured.gate import GrammarGate
@@ -40,13 +46,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _InFlight:
-    """A launched step whose samples are still on the device (or on their way to pinned host memory)."""
+    """A launched step whose outputs are still on the device (or on their way to pinned host memory)."""
 
-    seqs: list[Sequence]
-    samples: SampledBatch
-    host_tokens: torch.Tensor
+    seqs: list[Sequence]  # sampled, in row order
+    samples: SampledBatch | None
+    host_tokens: torch.Tensor | None
     done: torch.cuda.Event | None
     rows: dict[int, int] = field(default_factory=dict)  # seq id -> row, for the next step's inputs
+    prompt: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, first position, count)
+    prompt_logprobs: PromptLogprobBatch | None = None
+    prompt_targets: list[int] = field(default_factory=list)
+    ended: list[Sequence] = field(default_factory=list)  # prompt-only sequences whose prompt is now computed
 
 
 class EngineCore:
@@ -224,13 +234,14 @@ class EngineCore:
 
     def _launch(self, scheduled: list[tuple[Sequence, int]], failed: list[CoreOutput]) -> _InFlight | None:
         prev = self._in_flight
-        inputs, sampled = self.runner.prepare(scheduled, prev.rows if prev is not None else None)
+        inputs, plan = self.runner.prepare(scheduled, prev.rows if prev is not None else None)
         try:
             if self.workers is not None:
                 self.workers.send(inputs)
-            logits = self.runner.run(inputs, prev.samples.tokens if prev is not None else None)
-            mask = self._grammar_mask(sampled)  # on the host while the device runs the forward
-            samples, sampled = self._sample(logits, sampled, failed, mask)
+            prev_tokens = prev.samples.tokens if prev is not None and prev.samples is not None else None
+            logits, prompt = self.runner.run(inputs, prev_tokens)
+            mask = self._grammar_mask(plan.sampled)  # on the host while the device runs the forward
+            samples, sampled = self._sample(logits, plan.sampled, failed, mask)
         except Exception as exc:
             if is_engine_fault(exc) or self.workers is not None:  # ranks would disagree on what ran
                 raise
@@ -242,18 +253,22 @@ class EngineCore:
                 continue
             seq.num_computed_tokens += n
             self.kv.cache_full_blocks(seq)  # later steps run after this one on the stream: sharing is safe
-        if samples is None:
+        for seq, first, count in plan.prompt:
+            seq.prompt_logprobs_next = first + count
+        if samples is None and prompt is None and not plan.ended:
             return None
         for seq in sampled:
             seq.token_ids.append(PLACEHOLDER)
             seq.num_pending += 1
-        host = samples.tokens.to("cpu", non_blocking=True) if samples.tokens.is_cuda else samples.tokens
+        host = None
+        if samples is not None:
+            host = samples.tokens.to("cpu", non_blocking=True) if samples.tokens.is_cuda else samples.tokens
         done = None
-        if samples.tokens.is_cuda:
+        if self.runner.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
         rows = {seq.seq_id: row for row, seq in enumerate(sampled)}
-        return _InFlight(sampled, samples, host, done, rows)
+        return _InFlight(sampled, samples, host, done, rows, plan.prompt, prompt, inputs.prompt_targets, plan.ended)
 
     def _grammar_mask(self, sampled: list[Sequence]) -> GrammarMask | None:
         grammars = [(row, seq.grammar) for row, seq in enumerate(sampled) if seq.grammar is not None]
@@ -294,12 +309,18 @@ class EngineCore:
         """Read a launched step's samples back (the step's one synchronisation) and move sequences on."""
         if flight.done is not None:
             flight.done.synchronize()
-        tokens = flight.host_tokens.tolist()
-        asked = [seq.params.logprobs for seq in flight.seqs]
-        logprobs = read_logprobs(flight.samples, asked, tokens)
         updates: dict[str, list[SeqUpdate]] = {}
         touched: dict[str, Request] = {}
+        prompt_lps = self._prompt_logprobs(flight, touched)
+        for seq in flight.ended:  # prompt only (max_tokens 0): done once its prompt is computed
+            if not seq.finished and seq.request.error is None:
+                self._finish(seq, "length")
+                touched[seq.request.request_id] = seq.request
+                updates.setdefault(seq.request.request_id, []).append(SeqUpdate(seq.index, [], None, "length"))
         failed: list[CoreOutput] = []
+        tokens = flight.host_tokens.tolist() if flight.host_tokens is not None else []
+        asked = [seq.params.logprobs for seq in flight.seqs]
+        logprobs = read_logprobs(flight.samples, asked, tokens) if flight.samples is not None else []
         for seq, token, logprob in zip(flight.seqs, tokens, logprobs, strict=True):
             if seq.finished or seq.request.error is not None:
                 continue  # ended while this step ran (EOS one step earlier, an abort): the sample is dropped
@@ -313,8 +334,24 @@ class EngineCore:
             request = seq.request
             touched[request.request_id] = request
             updates.setdefault(request.request_id, []).append(update)
-        return failed + [self._pop(r, updates[i]) if r.finished else self._update(r, updates[i])
-                         for i, r in touched.items()]
+        outs = [self._pop(r, updates.get(i, [])) if r.finished else self._update(r, updates.get(i, []))
+                for i, r in touched.items() if r.error is None]
+        for out in outs:
+            out.prompt_logprobs = prompt_lps.get(out.request_id)
+        return failed + outs
+
+    def _prompt_logprobs(self, flight: _InFlight, touched: dict[str, Request]) -> dict[str, list[TokenLogprob]]:
+        """The prompt logprobs a collected step computed, per request (in prompt order: one sample owes them)."""
+        if flight.prompt_logprobs is None:
+            return {}
+        entries = [(count, seq.params.prompt_logprobs or 0) for seq, _, count in flight.prompt]
+        out: dict[str, list[TokenLogprob]] = {}
+        for (seq, _, _), lps in zip(flight.prompt, read_prompt_logprobs(flight.prompt_logprobs, entries,
+                                                                         flight.prompt_targets), strict=True):
+            if seq.request.error is None and seq.request.request_id in self.requests:
+                touched[seq.request.request_id] = seq.request
+                out.setdefault(seq.request.request_id, []).extend(lps)
+        return out
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> SeqUpdate:
         seq.fill_pending(token)

@@ -53,6 +53,7 @@ class CoreOutput:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # of the prompt tokens this step scored, in order
 
     def to_wire(self) -> tuple[Any, ...]:
         seqs = [
@@ -60,12 +61,12 @@ class CoreOutput:
             for s in self.seqs
         ]
         return (self.request_id, seqs, self.finished, self.first_scheduled_time, self.num_cached_tokens,
-                self.num_preemptions, self.error)
+                self.num_preemptions, self.error, _lps_to_wire(self.prompt_logprobs))
 
     @classmethod
     def from_wire(cls, t: tuple[Any, ...]) -> CoreOutput:
         seqs = [SeqUpdate(i, ids, _lps_from_wire(lps), fr, sr) for i, ids, lps, fr, sr in t[1]]
-        return cls(t[0], seqs, *t[2:])
+        return cls(t[0], seqs, *t[2:7], _lps_from_wire(t[7]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | None = None
     grammar: SampleGrammar | None = None  # a constrained sample's matcher, at its last known token
+    prompt_logprobs_next: int = 1  # the next prompt position whose logprob is still to compute
 
     @property
     def params(self) -> SamplingParams:
@@ -77,6 +78,12 @@ class Sequence:
         """The oldest placeholder's value arrived from the GPU."""
         self.token_ids[len(self.token_ids) - self.num_pending] = token
         self.num_pending -= 1
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether this sample still owes prompt logprobs (the first sample computes them for the request)."""
+        return (self.index == 0 and self.params.prompt_logprobs is not None
+                and self.prompt_logprobs_next < self.num_prompt_tokens)
 
     @property
     def parent(self) -> Sequence | None:
