@@ -126,3 +126,26 @@ def test_echo_logprobs_equal_the_offline_engines_prompt_logprobs(server: Running
     assert len(zero["logprobs"]["token_logprobs"]) == len(prompts[0]) and zero["finish_reason"] == "length"
     assert zero["logprobs"]["token_logprobs"][1:] == body["choices"][0]["logprobs"]["token_logprobs"][1:-1]
     server.wait_idle()
+
+
+def test_metrics_count_constrained_requests_compiles_and_jump_forward(server: RunningServer) -> None:
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r'^kvpilot:(\w+?)(_total)?\{(.*)\} (\S+)$', line)
+            if m and ("grammar" in m[1] or "jump" in m[1] or ("structured" in m[1] and 'kind="regex"' in m[3])):
+                values[m[1]] = float(m[4])
+        return values
+
+    before = scrape()
+    body = {"model": "demo", "prompt": "x", "max_tokens": 40,
+            "structured_outputs": {"regex": "metrics-test-fixed-prefix-[0-9]{2}"}}
+    for _ in range(2):
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+    after = scrape()
+    assert after["structured_requests"] - before.get("structured_requests", 0) == 2
+    assert after["grammar_compiles"] - before["grammar_compiles"] == 1
+    assert after["grammar_cache_hits"] - before["grammar_cache_hits"] == 1
+    assert after["grammar_compile_seconds"] > before["grammar_compile_seconds"]
+    assert after["jump_forward_tokens"] - before["jump_forward_tokens"] >= 2 * 10  # the fixed prefix, twice
