@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_kvpilot_importable, provenance, write_result  # noqa: E402
+from common import ensure_kvpilot_importable, provenance, write_result
 
 ensure_kvpilot_importable()
 
