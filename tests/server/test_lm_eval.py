@@ -14,15 +14,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from kvpilot.engine import LLM, SamplingParams
 from kvpilot.engine.demo import ensure_demo_model
 
-from tests.server.conftest import free_port
+from tests.server.conftest import free_port, wait_ready
 
 EVALS = Path(__file__).parents[1] / "evals"
 ENGINE_FLAGS = ["--device", "cpu", "--max-model-len", "256", "--num-kv-blocks", "160"]
@@ -44,17 +42,8 @@ def served_demo():
                              "--host", "127.0.0.1", *ENGINE_FLAGS], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("kvpilot serve did not become ready")
-            time.sleep(0.2)
+        wait_ready(url, lambda: proc.poll() is None, 120)
         yield url
     finally:
         proc.terminate()
