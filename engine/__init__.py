@@ -10,6 +10,7 @@ _EXPORTS = {
     "AsyncEngine": "kvpilot.engine.async_engine",
     "EngineConfig": "kvpilot.engine.config",
     "SamplingParams": "kvpilot.engine.config",
+    "StructuredOutputs": "kvpilot.engine.structured.params",
     "RequestOutput": "kvpilot.engine.outputs",
     "CompletionOutput": "kvpilot.engine.outputs",
     "RequestRejected": "kvpilot.engine.errors",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Annotated, Literal
 
+from kvpilot.engine.structured.params import StructuredOutputs
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -57,6 +58,9 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(default=False, description="never capture CUDA graphs")
     async_scheduling: bool = Field(
         default=True, description="prepare the next step on the CPU while the GPU runs this one (outputs unchanged)"
+    )
+    jump_forward: bool = Field(
+        default=True, description="append the tokens a grammar forces without a decoding step for each"
     )
 
     @field_validator("model")
@@ -105,14 +109,18 @@ class SamplingParams(BaseModel):
         default_factory=list, max_length=MAX_STOP_STRINGS
     )
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int = Field(default=16, ge=0, description="0: compute the prompt (and its logprobs) only")
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top alternatives returned per token")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="logprobs of the prompt's tokens, with this many alternatives")
     logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         default=None, max_length=MAX_LOGIT_BIAS, description="token id -> bias added to its logit before sampling"
     )
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="constrain the output to a JSON schema, regex, choice or grammar")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -127,6 +135,8 @@ class SamplingParams(BaseModel):
     def _min_below_max(self) -> SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.max_tokens == 0 and self.n != 1:
+            raise ValueError("max_tokens 0 computes the prompt only: n must be 1")
         return self
 
     @property
@@ -136,8 +146,10 @@ class SamplingParams(BaseModel):
 
     @property
     def needs_history(self) -> bool:
-        """Whether sampling reads the sequence's previous tokens (so they must all be on the host)."""
-        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+        """Whether sampling needs every previous token on the host: penalties read them, and a grammar's matcher
+        must accept the last one before the next token's mask can be filled."""
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+                or self.structured_outputs is not None)
 
     @cached_property
     def stop_token_set(self) -> frozenset[int]:

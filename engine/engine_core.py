@@ -24,11 +24,21 @@ from kvpilot.engine.input_processor import check_fits
 from kvpilot.engine.kv_cache import KVCacheManager
 from kvpilot.engine.messages import CoreInfo, CoreOutput, EngineRequest, EngineStats, SeqUpdate
 from kvpilot.engine.model_info import ModelInfo
-from kvpilot.engine.outputs import RequestMetrics
+from kvpilot.engine.outputs import RequestMetrics, TokenLogprob
 from kvpilot.engine.parallel import SINGLE, check_divisible, destroy_process_group
 from kvpilot.engine.request import PLACEHOLDER, Request, SeqStatus, Sequence
-from kvpilot.engine.sampler import SampledBatch, Sampler, read_logprobs
+from kvpilot.engine.sampler import (
+    PromptLogprobBatch,
+    SampledBatch,
+    Sampler,
+    read_logprobs,
+    read_prompt_logprobs,
+)
 from kvpilot.engine.scheduler import Scheduler
+from kvpilot.engine.structured.compiler import GrammarCompiler
+from kvpilot.engine.structured.gate import GrammarGate
+from kvpilot.engine.structured.matchers import BitmaskFiller, GrammarMask
+from kvpilot.engine.structured.params import StructuredOutputs
 from kvpilot.engine.worker import WorkerPool, build_runner, resolve_device, start_tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -36,19 +46,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _InFlight:
-    """A launched step whose samples are still on the device (or on their way to pinned host memory)."""
+    """A launched step whose outputs are still on the device (or on their way to pinned host memory)."""
 
-    seqs: list[Sequence]
-    samples: SampledBatch
-    host_tokens: torch.Tensor
+    seqs: list[Sequence]  # sampled, in row order
+    samples: SampledBatch | None
+    host_tokens: torch.Tensor | None
     done: torch.cuda.Event | None
     rows: dict[int, int] = field(default_factory=dict)  # seq id -> row, for the next step's inputs
+    prompt: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, first position, count)
+    prompt_logprobs: PromptLogprobBatch | None = None
+    prompt_targets: list[int] = field(default_factory=list)
+    ended: list[Sequence] = field(default_factory=list)  # prompt-only sequences whose prompt is now computed
 
 
 class EngineCore:
     def __init__(self, info: ModelInfo, eos_token_ids: tuple[int, ...]) -> None:
         config = self.config = info.config
         self.arch = info.arch
+        self.grammars = GrammarGate(GrammarCompiler(info.model_dir, info.arch.vocab_size, tuple(eos_token_ids)))
         self.workers: WorkerPool | None = None
         tp = SINGLE
         if config.tensor_parallel_size > 1:
@@ -68,6 +83,8 @@ class EngineCore:
         self.async_scheduling = config.async_scheduling and self.workers is None
         self.requests: dict[str, Request] = {}
         self._in_flight: _InFlight | None = None
+        self._bitmask: BitmaskFiller | None = None
+        self.jump_forward_tokens = 0  # tokens appended without a decoding step of their own
         if self.runner.device.type == "cuda":
             self.warm_up()
 
@@ -84,6 +101,7 @@ class EngineCore:
             SamplingParams(max_tokens=8, temperature=1.0, seed=1, min_p=0.05, logprobs=2, ignore_eos=True),
             SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.1,
                            logit_bias={1: 1.0}, min_tokens=2, stop_token_ids=[3], ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=0.7, structured_outputs=StructuredOutputs(json_object=True)),
         ]
         lengths = [n for n in (1, 2, 17, 64, 333, longest) if 0 < n <= longest]
         for i, n in enumerate(lengths):
@@ -95,6 +113,8 @@ class EngineCore:
         self.kv = KVCacheManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler(self.sampler.eos_token_ids, self.runner.device, self.config.seed)
+        self.grammars.compiler.reset_stats()
+        self.jump_forward_tokens = 0
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize()
         log.info("warm-up: %d prompt lengths up to %d tokens, every sampling path, in %.1f s", len(lengths),
@@ -105,7 +125,8 @@ class EngineCore:
         return CoreInfo(self.kv.num_blocks, self.kv.block_size, self.config.max_model_len or 0)
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        """Stop the grammar compiler and the tensor-parallel workers, if any (also done at interpreter exit)."""
+        self.grammars.compiler.close()
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
@@ -123,10 +144,17 @@ class EngineCore:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
-            seq = Sequence(request, i, list(req.prompt_token_ids), len(req.prompt_token_ids), generator=gen)
-            request.seqs.append(seq)
-            self.scheduler.add(seq)
+            request.seqs.append(Sequence(request, i, list(req.prompt_token_ids), len(req.prompt_token_ids),
+                                         generator=gen))
         self.requests[req.request_id] = request
+        if params.structured_outputs is not None:
+            self.grammars.hold(request)  # scheduled once its grammar is compiled
+        else:
+            self._schedule(request)
+
+    def _schedule(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> CoreOutput | None:
         """End a request now; its unfinished samples end with 'abort' and free their blocks."""
@@ -134,6 +162,7 @@ class EngineCore:
         if request is None:
             return None
         updates = [SeqUpdate(s.index, [], None, "abort") for s in request.seqs if not s.finished]
+        self.grammars.drop(request_id)
         for seq in request.seqs:
             if not seq.finished:
                 self._finish(seq, "abort")
@@ -163,6 +192,10 @@ class EngineCore:
             prefix_cache_hits=self.kv.prefix_hits,
             prefix_cache_queries=self.kv.prefix_queries,
             num_preemptions=self.scheduler.num_preemptions,
+            grammar_compiles=self.grammars.compiler.num_compiles,
+            grammar_compile_seconds=self.grammars.compiler.compile_seconds,
+            grammar_cache_hits=self.grammars.compiler.num_cache_hits,
+            jump_forward_tokens=self.jump_forward_tokens,
         )
 
     # ---- the step ---------------------------------------------------------------------------
@@ -172,12 +205,14 @@ class EngineCore:
         A failure that belongs to requests (not to the device) fails those requests alone: they finish
         with an error and free their blocks, and the engine keeps serving the rest.
         """
-        outputs: list[CoreOutput] = []
+        outputs = self._release_compiled()
         if self._in_flight is not None and self._needs_history():
             outputs += self._collect(self._in_flight)
             self._in_flight = None
         sched = self.scheduler.schedule()
         launched = self._launch(sched.scheduled, outputs) if sched.scheduled else None
+        if launched is None and self._in_flight is None and not self.scheduler.has_work:
+            self.grammars.wait(0.005)  # only grammars compiling: do not spin on the host they compile on
         if self._in_flight is not None:
             outputs += self._collect(self._in_flight)
         self._in_flight = launched
@@ -186,18 +221,27 @@ class EngineCore:
             self._in_flight = None
         return outputs
 
+    def _release_compiled(self) -> list[CoreOutput]:
+        """Constrained requests whose grammar is now compiled join the scheduler; a failed compile fails its own."""
+        ready, failed = self.grammars.release()
+        for request in ready:
+            self._schedule(request)
+        return [self._fail(request, exc) for request, exc in failed]
+
     def _needs_history(self) -> bool:
-        """Whether a running sequence's sampling reads its previous tokens (penalties): collect first."""
+        """Whether a running sequence's sampling needs its previous tokens on the host (penalties, a grammar)."""
         return any(seq.params.needs_history for seq in self.scheduler.running)
 
     def _launch(self, scheduled: list[tuple[Sequence, int]], failed: list[CoreOutput]) -> _InFlight | None:
         prev = self._in_flight
-        inputs, sampled = self.runner.prepare(scheduled, prev.rows if prev is not None else None)
+        inputs, plan = self.runner.prepare(scheduled, prev.rows if prev is not None else None)
         try:
             if self.workers is not None:
                 self.workers.send(inputs)
-            logits = self.runner.run(inputs, prev.samples.tokens if prev is not None else None)
-            samples, sampled = self._sample(logits, sampled, failed)
+            prev_tokens = prev.samples.tokens if prev is not None and prev.samples is not None else None
+            logits, prompt = self.runner.run(inputs, prev_tokens)
+            mask = self._grammar_mask(plan.sampled)  # on the host while the device runs the forward
+            samples, sampled = self._sample(logits, plan.sampled, failed, mask)
         except Exception as exc:
             if is_engine_fault(exc) or self.workers is not None:  # ranks would disagree on what ran
                 raise
@@ -209,27 +253,39 @@ class EngineCore:
                 continue
             seq.num_computed_tokens += n
             self.kv.cache_full_blocks(seq)  # later steps run after this one on the stream: sharing is safe
-        if samples is None:
+        for seq, first, count in plan.prompt:
+            seq.prompt_logprobs_next = first + count
+        if samples is None and prompt is None and not plan.ended:
             return None
         for seq in sampled:
             seq.token_ids.append(PLACEHOLDER)
             seq.num_pending += 1
-        host = samples.tokens.to("cpu", non_blocking=True) if samples.tokens.is_cuda else samples.tokens
+        host = None
+        if samples is not None:
+            host = samples.tokens.to("cpu", non_blocking=True) if samples.tokens.is_cuda else samples.tokens
         done = None
-        if samples.tokens.is_cuda:
+        if self.runner.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
         rows = {seq.seq_id: row for row, seq in enumerate(sampled)}
-        return _InFlight(sampled, samples, host, done, rows)
+        return _InFlight(sampled, samples, host, done, rows, plan.prompt, prompt, inputs.prompt_targets, plan.ended)
+
+    def _grammar_mask(self, sampled: list[Sequence]) -> GrammarMask | None:
+        grammars = [(row, seq.grammar) for row, seq in enumerate(sampled) if seq.grammar is not None]
+        if not grammars:
+            return None
+        if self._bitmask is None:
+            self._bitmask = BitmaskFiller(self.arch.vocab_size, self.config.max_num_seqs, self.runner.device)
+        return self._bitmask.fill(grammars, len(sampled))
 
     def _sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], failed: list[CoreOutput]
+        self, logits: torch.Tensor, seqs: list[Sequence], failed: list[CoreOutput], mask: GrammarMask | None
     ) -> tuple[SampledBatch | None, list[Sequence]]:
         """Sample the batch at once; if that fails, find the rows at fault one by one and fail only them."""
         if not seqs:
             return None, []
         try:
-            return self.sampler(logits, seqs), seqs
+            return self.sampler(logits, seqs, mask), seqs
         except Exception as exc:
             if is_engine_fault(exc):
                 raise
@@ -238,7 +294,7 @@ class EngineCore:
             if seq.request.error is not None:
                 continue
             try:
-                self.sampler(logits[i : i + 1], [seq])
+                self.sampler(logits[i : i + 1], [seq], mask.for_row(i) if mask is not None else None)
             except Exception as exc:
                 if is_engine_fault(exc):
                     raise
@@ -247,18 +303,24 @@ class EngineCore:
         if not keep:
             return None, []
         kept = [seqs[i] for i in keep]
-        return self.sampler(logits[keep], kept), kept
+        return self.sampler(logits[keep], kept, None), kept  # masks were applied to `logits` in place already
 
     def _collect(self, flight: _InFlight) -> list[CoreOutput]:
         """Read a launched step's samples back (the step's one synchronisation) and move sequences on."""
         if flight.done is not None:
             flight.done.synchronize()
-        tokens = flight.host_tokens.tolist()
-        asked = [seq.params.logprobs for seq in flight.seqs]
-        logprobs = read_logprobs(flight.samples, asked, tokens)
         updates: dict[str, list[SeqUpdate]] = {}
         touched: dict[str, Request] = {}
+        prompt_lps = self._prompt_logprobs(flight, touched)
+        for seq in flight.ended:  # prompt only (max_tokens 0): done once its prompt is computed
+            if not seq.finished and seq.request.error is None:
+                self._finish(seq, "length")
+                touched[seq.request.request_id] = seq.request
+                updates.setdefault(seq.request.request_id, []).append(SeqUpdate(seq.index, [], None, "length"))
         failed: list[CoreOutput] = []
+        tokens = flight.host_tokens.tolist() if flight.host_tokens is not None else []
+        asked = [seq.params.logprobs for seq in flight.seqs]
+        logprobs = read_logprobs(flight.samples, asked, tokens) if flight.samples is not None else []
         for seq, token, logprob in zip(flight.seqs, tokens, logprobs, strict=True):
             if seq.finished or seq.request.error is not None:
                 continue  # ended while this step ran (EOS one step earlier, an abort): the sample is dropped
@@ -272,20 +334,50 @@ class EngineCore:
             request = seq.request
             touched[request.request_id] = request
             updates.setdefault(request.request_id, []).append(update)
-        return failed + [self._pop(r, updates[i]) if r.finished else self._update(r, updates[i])
-                         for i, r in touched.items()]
+        outs = [self._pop(r, updates.get(i, [])) if r.finished else self._update(r, updates.get(i, []))
+                for i, r in touched.items() if r.error is None]
+        for out in outs:
+            out.prompt_logprobs = prompt_lps.get(out.request_id)
+        return failed + outs
 
-    def _append(self, seq: Sequence, token: int, logprob: object) -> SeqUpdate:
+    def _prompt_logprobs(self, flight: _InFlight, touched: dict[str, Request]) -> dict[str, list[TokenLogprob]]:
+        """The prompt logprobs a collected step computed, per request (in prompt order: one sample owes them)."""
+        if flight.prompt_logprobs is None:
+            return {}
+        entries = [(count, seq.params.prompt_logprobs or 0) for seq, _, count in flight.prompt]
+        out: dict[str, list[TokenLogprob]] = {}
+        for (seq, _, _), lps in zip(flight.prompt, read_prompt_logprobs(flight.prompt_logprobs, entries,
+                                                                         flight.prompt_targets), strict=True):
+            if seq.request.error is None and seq.request.request_id in self.requests:
+                touched[seq.request.request_id] = seq.request
+                out.setdefault(seq.request.request_id, []).extend(lps)
+        return out
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> SeqUpdate:
         seq.fill_pending(token)
-        self.kv.cache_full_blocks(seq)
         p = seq.params
-        update = SeqUpdate(seq.index, [token], [logprob] if logprob is not None else None)  # type: ignore[list-item]
-        produced = seq.num_output_tokens - seq.num_pending
-        if not p.ignore_eos and token in self.eos_token_ids:
+        update = SeqUpdate(seq.index, [token], [logprob] if logprob is not None else None)
+        grammar = seq.grammar
+        if grammar is not None and not grammar.accept(token):
+            raise RuntimeError(f"the grammar rejected token {token}, which its own mask allowed")
+        max_len = self.config.max_model_len or 0
+        if (not p.ignore_eos and token in self.eos_token_ids) or (grammar is not None and grammar.terminated):
             update.finish_reason = "stop"
         elif token in p.stop_token_set:
             update.finish_reason, update.stop_reason = "stop", token
-        elif produced >= p.max_tokens or seq.num_known_tokens >= (self.config.max_model_len or 0):
+        elif grammar is not None and self.config.jump_forward:
+            room = min(p.max_tokens - (seq.num_output_tokens - seq.num_pending), max_len - seq.num_tokens)
+            forced = grammar.jump_forward(room, p.stop_token_set)
+            if forced:  # known tokens the next step computes as one chunk, then samples after them
+                seq.token_ids.extend(forced)
+                update.new_token_ids += forced
+                if update.new_logprobs is not None:  # the grammar allows nothing else: probability 1
+                    update.new_logprobs += [TokenLogprob(t, 0.0, {t: 0.0}) for t in forced]
+                self.jump_forward_tokens += len(forced)
+        self.kv.cache_full_blocks(seq)
+        if update.finish_reason is None and (
+            seq.num_output_tokens - seq.num_pending >= p.max_tokens or seq.num_known_tokens >= max_len
+        ):
             update.finish_reason = "length"
         if update.finish_reason is not None:
             self._finish(seq, update.finish_reason)

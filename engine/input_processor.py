@@ -13,6 +13,7 @@ from typing import Any
 from kvpilot.engine.config import SamplingParams
 from kvpilot.engine.errors import RequestRejected
 from kvpilot.engine.messages import CoreInfo
+from kvpilot.engine.structured import grammar
 
 # A prompt longer than this many characters per token of context can never fit: refuse it before paying
 # for its tokenization (a few seconds per megabyte). No common tokenizer averages more than a few.
@@ -68,6 +69,11 @@ class InputProcessor:
             raise RequestRejected(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
         if params.top_k > vocab:
             raise RequestRejected(f"top_k must be at most the vocabulary size ({vocab}), or -1", param="top_k")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise RequestRejected("this model has no tokenizer: its output cannot be constrained",
+                                      param="structured_outputs")
+            grammar.check(params.structured_outputs, param="structured_outputs")
         check_fits(self.core, len(token_ids), params.max_tokens)
 
     def process(self, prompt: str | list[int], params: SamplingParams) -> list[int]:

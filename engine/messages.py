@@ -53,6 +53,7 @@ class CoreOutput:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # of the prompt tokens this step scored, in order
 
     def to_wire(self) -> tuple[Any, ...]:
         seqs = [
@@ -60,12 +61,12 @@ class CoreOutput:
             for s in self.seqs
         ]
         return (self.request_id, seqs, self.finished, self.first_scheduled_time, self.num_cached_tokens,
-                self.num_preemptions, self.error)
+                self.num_preemptions, self.error, _lps_to_wire(self.prompt_logprobs))
 
     @classmethod
     def from_wire(cls, t: tuple[Any, ...]) -> CoreOutput:
         seqs = [SeqUpdate(i, ids, _lps_from_wire(lps), fr, sr) for i, ids, lps, fr, sr in t[1]]
-        return cls(t[0], seqs, *t[2:])
+        return cls(t[0], seqs, *t[2:7], _lps_from_wire(t[7]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +79,16 @@ class EngineStats:
     prefix_cache_hits: int = 0
     prefix_cache_queries: int = 0
     num_preemptions: int = 0
+    grammar_compiles: int = 0
+    grammar_compile_seconds: float = 0.0
+    grammar_cache_hits: int = 0
+    jump_forward_tokens: int = 0
 
     def to_wire(self) -> tuple[Any, ...]:
         return (self.num_running, self.num_waiting, self.kv_cache_usage, self.num_free_blocks,
-                self.num_total_blocks, self.prefix_cache_hits, self.prefix_cache_queries, self.num_preemptions)
+                self.num_total_blocks, self.prefix_cache_hits, self.prefix_cache_queries, self.num_preemptions,
+                self.grammar_compiles, self.grammar_compile_seconds, self.grammar_cache_hits,
+                self.jump_forward_tokens)
 
 
 @dataclass(slots=True)

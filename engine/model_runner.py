@@ -14,12 +14,13 @@ from kvpilot.engine.attention.backend import AttentionBackend, AttentionMetadata
 from kvpilot.engine.config import EngineConfig
 from kvpilot.engine.cuda_graphs import DecodeGraphs
 from kvpilot.engine.host_buffers import HostBuffers
-from kvpilot.engine.input_batch import StepInputs, build_step_inputs
+from kvpilot.engine.input_batch import StepInputs, StepRows, build_step_inputs
 from kvpilot.engine.models.arch import ModelArch
 from kvpilot.engine.models.llama import CausalLM
 from kvpilot.engine.parallel import SINGLE, TPGroup
 from kvpilot.engine.piecewise_graphs import PiecewiseGraphs
 from kvpilot.engine.request import Sequence
+from kvpilot.engine.sampler import PromptLogprobBatch, score_prompt
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,15 @@ class ModelRunner:
 
     def prepare(
         self, scheduled: list[tuple[Sequence, int]], prev_rows: dict[int, int] | None = None
-    ) -> tuple[StepInputs, list[Sequence]]:
+    ) -> tuple[StepInputs, StepRows]:
         return build_step_inputs(scheduled, self.block_size, prev_rows or {})
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """The forward of one step on this rank; logits [sampled rows, vocab] (every rank gets them).
+    def run(
+        self, inputs: StepInputs, prev_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, PromptLogprobBatch | None]:
+        """The forward of one step on this rank: logits [sampled rows, vocab] and, if the step has prompt rows,
+        their logprobs (every rank computes both: the LM head gathers across ranks).
 
         Nothing here waits for the device: inputs go up through pinned buffers, and decode rows whose token
         is still on the GPU take it from `prev_tokens`, the previous step's samples.
@@ -190,7 +194,15 @@ class ModelRunner:
             hidden = self.piecewise.run(input_ids, pos_t, self.kv_caches, meta)
         else:
             hidden = self.model(input_ids, pos_t, self.kv_caches, meta)
+        prompt = None
+        if inputs.prompt_rows:
+            prompt = score_prompt(
+                self.model.compute_logits, hidden,
+                self.buffers.to_device("prompt_rows", np.asarray(inputs.prompt_rows, dtype=np.int64)),
+                self.buffers.to_device("prompt_targets", np.asarray(inputs.prompt_targets, dtype=np.int64)),
+                inputs.prompt_top_k, self.arch.vocab_size,
+            )
         if len(inputs.sample_rows) == hidden.shape[0]:
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden), prompt
         rows = self.buffers.to_device("rows", np.asarray(inputs.sample_rows, dtype=np.int64))
-        return self.model.compute_logits(hidden[rows])
+        return self.model.compute_logits(hidden[rows]), prompt

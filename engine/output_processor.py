@@ -42,6 +42,7 @@ class _Request:
     samples: list[_Sample]
     holdback: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -63,6 +64,7 @@ class OutputProcessor:
         self.requests[request_id] = _Request(
             request_id, prompt, prompt_token_ids, params, RequestMetrics(arrival_time=arrival_time),
             [_Sample(detok()) for _ in range(params.n)], max((len(s) for s in params.stop), default=1) - 1,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
 
     def __contains__(self, request_id: str) -> bool:
@@ -81,6 +83,8 @@ class OutputProcessor:
             m.first_scheduled_time = m.first_scheduled_time or core_out.first_scheduled_time
             m.num_cached_tokens = max(m.num_cached_tokens, core_out.num_cached_tokens)
             m.num_preemptions = core_out.num_preemptions
+            if core_out.prompt_logprobs and req.prompt_logprobs is not None:
+                req.prompt_logprobs.extend(core_out.prompt_logprobs)
             if core_out.error is not None:
                 req.error = core_out.error
                 for sample in req.samples:
@@ -156,6 +160,7 @@ class OutputProcessor:
             finished=req.finished,
             new_token_counts=counts,
             error=req.error,
+            prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
         )
 
     def _pop(self, req: _Request) -> RequestOutput:

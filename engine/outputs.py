@@ -55,3 +55,4 @@ class RequestOutput:
     finished: bool = False
     new_token_counts: list[int] = field(default_factory=list)  # tokens each sample gained this step
     error: str | None = None  # set when processing this request failed; the request is finished
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first has none), if asked

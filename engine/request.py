@@ -9,10 +9,14 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from kvpilot.engine.config import SamplingParams
 from kvpilot.engine.outputs import RequestMetrics
+
+if TYPE_CHECKING:
+    from kvpilot.engine.structured.matchers import SampleGrammar
 
 _seq_ids = itertools.count()
 PLACEHOLDER = -1
@@ -46,6 +50,8 @@ class Sequence:
     num_pending: int = 0  # trailing tokens sampled on the GPU, not yet read back
     finish_reason: str | None = None
     stop_reason: int | None = None
+    grammar: SampleGrammar | None = None  # a constrained sample's matcher, at its last known token
+    prompt_logprobs_next: int = 1  # the next prompt position whose logprob is still to compute
 
     @property
     def params(self) -> SamplingParams:
@@ -72,6 +78,12 @@ class Sequence:
         """The oldest placeholder's value arrived from the GPU."""
         self.token_ids[len(self.token_ids) - self.num_pending] = token
         self.num_pending -= 1
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether this sample still owes prompt logprobs (the first sample computes them for the request)."""
+        return (self.index == 0 and self.params.prompt_logprobs is not None
+                and self.prompt_logprobs_next < self.num_prompt_tokens)
 
     @property
     def parent(self) -> Sequence | None:

@@ -1,18 +1,22 @@
-"""From logits to tokens, per request: logit_bias, penalties, min_tokens, temperature, top-k/top-p/min-p, seeds,
-logprobs.
+"""From logits to tokens, per request: a grammar's mask, logit_bias, penalties, min_tokens, temperature,
+top-k/top-p/min-p, seeds, logprobs.
 
-Logprobs are reported from the raw model distribution (before penalties and temperature), as vLLM does.
+A grammar's mask comes first, so nothing after it can revive a token the grammar forbids. Logprobs are
+reported from the model's distribution before penalties and temperature (under a grammar, the masked one), as
+vLLM does. min_tokens does not hold a constrained sample back from ending: its grammar decides where it ends.
 A seeded sample draws only from its own generator, one draw per token, so its tokens do not depend
 on which other requests share the batch; unseeded rows draw together from the engine's generator.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from kvpilot.engine.outputs import TokenLogprob
 from kvpilot.engine.request import Sequence
+from kvpilot.engine.structured.matchers import GrammarMask
 
 
 @dataclass
@@ -31,8 +35,10 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], mask: GrammarMask | None = None) -> SampledBatch:
         """Sample one token per row without waiting for the device (no host synchronisation)."""
+        if mask is not None:
+            mask.apply(logits)
         params = [s.params for s in seqs]
         wants = [p.logprobs for p in params if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants else None
@@ -77,7 +83,8 @@ class Sampler:
         copied = False
         for i, seq in enumerate(seqs):
             p = seq.params
-            banned = seq.num_output_tokens < p.min_tokens and (p.stop_token_ids or not p.ignore_eos)
+            banned = (seq.num_output_tokens < p.min_tokens and (p.stop_token_ids or not p.ignore_eos)
+                      and seq.grammar is None)
             penalized = p.repetition_penalty != 1.0 or (
                 (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens
             )
@@ -125,6 +132,54 @@ def read_logprobs(batch: SampledBatch, rows: list[int | None], tokens: list[int]
         top = dict(zip(top_ids[i][:k], top_vals[i][:k], strict=True)) if k and top_ids and top_vals else {}
         result.append(TokenLogprob(tokens[i], chosen[i], top))
     return result
+
+
+# Prompt rows are scored in slices so a long prompt's logits ([rows, vocab] float32) stay within ~256 MiB.
+PROMPT_SLICE_ELEMENTS = 2**26
+
+
+@dataclass
+class PromptLogprobBatch:
+    """A step's prompt logprobs, still on the device: each target token's, and the top k alternatives."""
+
+    chosen: torch.Tensor  # [R]
+    top_ids: torch.Tensor | None = None  # [R, k]
+    top_logprobs: torch.Tensor | None = None
+
+
+def score_prompt(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, rows: torch.Tensor,
+                 targets: torch.Tensor, k: int, vocab_size: int) -> PromptLogprobBatch:
+    """Raw-model logprobs of `targets` at hidden `rows` (the prefill's own hidden states), slice by slice."""
+    step = max(1, PROMPT_SLICE_ELEMENTS // vocab_size)
+    chosen, top_ids, top_vals = [], [], []
+    for lo in range(0, rows.shape[0], step):
+        logprobs = torch.log_softmax(compute_logits(hidden[rows[lo : lo + step]]), dim=-1)
+        chosen.append(logprobs.gather(1, targets[lo : lo + step, None]).squeeze(1))
+        if k > 0:
+            vals, ids = logprobs.topk(k, dim=-1)
+            top_vals.append(vals)
+            top_ids.append(ids)
+    if not k:
+        return PromptLogprobBatch(torch.cat(chosen))
+    return PromptLogprobBatch(torch.cat(chosen), torch.cat(top_ids), torch.cat(top_vals))
+
+
+def read_prompt_logprobs(batch: PromptLogprobBatch, entries: list[tuple[int, int]], targets: list[int]
+                         ) -> list[list[TokenLogprob]]:
+    """Host-side TokenLogprobs per entry; entries[i] = (rows it holds, alternatives it asked for)."""
+    chosen = batch.chosen.tolist()
+    top_ids = batch.top_ids.tolist() if batch.top_ids is not None else None
+    top_vals = batch.top_logprobs.tolist() if batch.top_logprobs is not None else None
+    out: list[list[TokenLogprob]] = []
+    row = 0
+    for count, k in entries:
+        lps = []
+        for r in range(row, row + count):
+            top = dict(zip(top_ids[r][:k], top_vals[r][:k], strict=True)) if k and top_ids and top_vals else {}
+            lps.append(TokenLogprob(targets[r], chosen[r], top))
+        out.append(lps)
+        row += count
+    return out
 
 
 def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:

@@ -106,7 +106,7 @@ class Scheduler:
                 deferred.append(self.waiting.popleft())  # others wait: this request holds its share already
                 continue
             shared = self._shareable(seq)
-            if self._next_block_in_flight(seq, len(shared), in_flight):
+            if not seq.wants_prompt_logprobs and self._next_block_in_flight(seq, len(shared), in_flight):
                 deferred.append(self.waiting.popleft())  # its prefix is being computed: share it next step
                 continue
             cached_tokens = len(shared) * self.kv.block_size
@@ -132,7 +132,10 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
 
     def _sampled_last(self, seq: Sequence) -> bool:
-        """Its final token is sampled and on its way back (async scheduling): it will finish by length."""
+        """Its final token is sampled and on its way back (async scheduling): it will finish by length. A
+        prompt-only request (max_tokens 0) is done once its prompt is computed."""
+        if seq.params.max_tokens == 0:
+            return seq.num_computed_tokens >= seq.num_tokens
         return seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _yield_slots(self) -> None:
@@ -181,7 +184,10 @@ class Scheduler:
         return self.kv.block_hash(seq, num_shared) in in_flight
 
     def _shareable(self, seq: Sequence) -> list[int]:
-        """Blocks the sequence can adopt: its parent's computed prompt blocks, else prefix-cache hits."""
+        """Blocks the sequence can adopt: its parent's computed prompt blocks, else prefix-cache hits. None for
+        a request that owes prompt logprobs: they come from computing the prompt (others keep their hits)."""
+        if seq.wants_prompt_logprobs:
+            return []
         parent = seq.parent
         cached = self.kv.find_cached_prefix(seq)
         if parent is None or parent.status is not SeqStatus.RUNNING:

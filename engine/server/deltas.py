@@ -21,6 +21,7 @@ class Delta:
     finish_reason: str | None
     stop_reason: str | int | None
     first: bool  # the choice's first delta
+    prompt: RequestOutput | None = None  # on a choice's first delta: its request (prompt text, ids, logprobs)
 
 
 @dataclass
@@ -55,7 +56,8 @@ class DeltaTracker:
             self._completion_tokens[index] = len(o.token_ids)
             if o.finish_reason:
                 self._finished.add(index)
-            deltas.append(Delta(index, text, new_logprobs, sent, o.finish_reason, o.stop_reason, first))
+            deltas.append(Delta(index, text, new_logprobs, sent, o.finish_reason, o.stop_reason, first,
+                                out if first else None))
         return deltas
 
     def usage(self) -> UsageInfo:

@@ -57,6 +57,12 @@ class EngineStatsCollector(Collector):
             "prefix_cache_hits": ("prompt tokens found in the prefix cache", s.prefix_cache_hits),
             "prefix_cache_queries": ("prompt tokens looked up in the prefix cache", s.prefix_cache_queries),
             "num_preemptions": ("sequences preempted for recompute", s.num_preemptions),
+            "grammar_compiles": ("grammars compiled for constrained requests (cache misses)", s.grammar_compiles),
+            "grammar_compile_seconds": ("seconds spent compiling grammars, off the step loop",
+                                        s.grammar_compile_seconds),
+            "grammar_cache_hits": ("constrained requests whose grammar was compiled already", s.grammar_cache_hits),
+            "jump_forward_tokens": ("tokens a grammar forced, appended without a decoding step each",
+                                    s.jump_forward_tokens),
         }
         for name, (doc, value) in counters.items():
             c = CounterMetricFamily(f"kvpilot:{name}", doc, labels=LABELS)
@@ -90,12 +96,19 @@ class ServerMetrics:
             self._success.labels(*values, reason)
         for reason in ("overload", "draining", "invalid", "dead"):
             self._rejected.labels(*values, reason)
+        self._structured = Counter("kvpilot:structured_requests", "requests admitted with a constrained output, "
+                                   "by kind", [*LABELS, "kind"], registry=reg)
+        for kind in ("json", "json_object", "regex", "choice", "grammar"):
+            self._structured.labels(*values, kind)
         info = Info("kvpilot:engine_config", "engine configuration and model revision", registry=reg)
         info.info({**{k: str(v) for k, v in config.model_dump().items()}, **self.labels})
         reg.register(EngineStatsCollector(stats, values))
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.labels["model_name"], self.labels["revision"], reason).inc()
+
+    def structured(self, kind: str) -> None:
+        self._structured.labels(self.labels["model_name"], self.labels["revision"], kind).inc()
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.labels["model_name"], self.labels["revision"], reason).inc()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from kvpilot.engine.config import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN
+from kvpilot.engine.structured.params import StructuredOutputs
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # One HTTP request may ask for at most this many sequences (n x prompts), and a chat at most this many messages.
@@ -46,6 +47,33 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and allowed only with it")
+        return self
+
+    def structured(self) -> StructuredOutputs | None:
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.json_schema is not None:
+            return StructuredOutputs(json=self.json_schema.schema_ or {"type": "object"})
+        return None
+
+
 class _SamplingRequest(_Strict):
     """The fields completions and chat share."""
 
@@ -70,6 +98,9 @@ class _SamplingRequest(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _stop_not_empty(self) -> _SamplingRequest:
@@ -77,7 +108,16 @@ class _SamplingRequest(_Strict):
             raise ValueError("stop strings must not be empty")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("set response_format or structured_outputs, not both")
         return self
+
+    def structured(self) -> StructuredOutputs | None:
+        """The output constraint, from vLLM's structured_outputs or OpenAI's response_format."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs
+        return self.response_format.structured() if self.response_format is not None else None
 
     def sampling_fields(self) -> dict[str, Any]:
         """The SamplingParams fields this request sets (max_tokens and logprobs come per endpoint)."""
@@ -90,6 +130,8 @@ class _SamplingRequest(_Strict):
             "ignore_eos": self.ignore_eos,
             "stop_token_ids": self.stop_token_ids or [],
             "skip_special_tokens": self.skip_special_tokens,
+            "structured_outputs": self.structured(),
+            "prompt_logprobs": self.prompt_logprobs,
         }
         optional = {
             "temperature": self.temperature,
@@ -121,7 +163,7 @@ PromptInput = (
 
 class CompletionRequest(_SamplingRequest):
     prompt: PromptInput
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0, description="0 only with echo: score the prompt")
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1, le=128)
@@ -144,12 +186,13 @@ class CompletionRequest(_SamplingRequest):
         return self
 
     def check_supported(self) -> None:
-        if self.echo:
-            raise Unsupported("echo", "echo is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise Unsupported("max_tokens", "max_tokens 0 generates nothing: it is allowed with echo only")
         if self.suffix:
             raise Unsupported("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
-            raise Unsupported("best_of", "best_of must equal n (beam and best-of search are not supported)")
+            raise Unsupported("best_of", "best_of must equal n: best-of search (ranking extra samples by "
+                              "likelihood) is not implemented; ask for n samples and their logprobs instead")
 
 
 class TextPart(_Strict):
@@ -171,17 +214,12 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(_Strict):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1, description="deprecated by OpenAI; still accepted")
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None

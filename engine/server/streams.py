@@ -117,6 +117,8 @@ async def open_streams(
                     ctx.lifecycle.mark_dead(str(exc))
                 raise errors.from_engine(exc) from exc
             opened.append(TrackedStream(ctx, stream, request_id, ctx.metrics.observer()))
+            if params.structured_outputs is not None:
+                ctx.metrics.structured(params.structured_outputs.kind)
     except BaseException:
         for s in opened:
             s.close()

@@ -90,7 +90,7 @@ def test_penalties_and_filters_change_the_distribution(llm: LLM) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"temperature": -1}, "temperature"),

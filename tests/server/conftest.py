@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,20 @@ class RunningServer:
             time.sleep(0.02)
 
 
+def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float) -> None:
+    """Poll /ready until it answers 200; fail once the server is gone or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not alive():
+            raise RuntimeError(f"the server at {url} did not become ready")
+        time.sleep(0.05)
+
+
 @contextmanager
 def serve(max_waiting_requests: int = 256, options: ServerOptions | None = None, engine_process: bool = True,
           **engine: Any) -> Iterator[RunningServer]:
@@ -62,16 +76,7 @@ def serve(max_waiting_requests: int = 256, options: ServerOptions | None = None,
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not become ready")
-        time.sleep(0.05)
+    wait_ready(url, thread.is_alive, 60)
     try:
         yield RunningServer(url, eng, app)
     finally:
