@@ -108,10 +108,10 @@ def test_a_failing_request_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
         core = own.engine.core
         real = core.sampler
 
-        def sampler(logits: Any, seqs: list[Any]) -> Any:
+        def sampler(logits: Any, seqs: list[Any], *rest: Any) -> Any:
             if any(s.token_ids[s.num_prompt_tokens - 1] == 401 for s in seqs):
                 raise RuntimeError("secret internal detail")
-            return real(logits, seqs)
+            return real(logits, seqs, *rest)
 
         monkeypatch.setattr(core, "sampler", sampler)
         ok = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": True}
