@@ -14,11 +14,9 @@ front's work (input_processor.py, output_processor.py); here everything is token
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
-from kvpilot.engine.config import SamplingParams
 from kvpilot.engine.errors import RequestRejected, is_engine_fault
 from kvpilot.engine.input_processor import check_fits
 from kvpilot.engine.kv_cache import KVCacheManager
@@ -38,7 +36,7 @@ from kvpilot.engine.scheduler import Scheduler
 from kvpilot.engine.structured.compiler import GrammarCompiler
 from kvpilot.engine.structured.gate import GrammarGate
 from kvpilot.engine.structured.matchers import BitmaskFiller, GrammarMask
-from kvpilot.engine.structured.params import StructuredOutputs
+from kvpilot.engine.warm_up import warm_up
 from kvpilot.engine.worker import WorkerPool, build_runner, resolve_device, start_tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -86,39 +84,15 @@ class EngineCore:
         self._bitmask: BitmaskFiller | None = None
         self.jump_forward_tokens = 0  # tokens appended without a decoding step of their own
         if self.runner.device.type == "cuda":
-            self.warm_up()
+            warm_up(self)
 
-    def warm_up(self) -> None:
-        """Run every kind of step the engine can meet (prefill of several lengths, chunked, mixed with
-        decodes; each sampling path) before the first request, so that no kernel compiles under load:
-        ready means warm. The pool, the prefix cache and the counters are reset afterwards."""
-        start = time.perf_counter()
-        budget = self.config.max_num_batched_tokens
-        longest = min(budget + 64, (self.config.max_model_len or 0) - 16)
-        kinds = [
-            SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
-            SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, ignore_eos=True),
-            SamplingParams(max_tokens=8, temperature=1.0, seed=1, min_p=0.05, logprobs=2, ignore_eos=True),
-            SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.1,
-                           logit_bias={1: 1.0}, min_tokens=2, stop_token_ids=[3], ignore_eos=True),
-            SamplingParams(max_tokens=8, temperature=0.7, structured_outputs=StructuredOutputs(json_object=True)),
-        ]
-        lengths = [n for n in (1, 2, 17, 64, 333, longest) if 0 < n <= longest]
-        for i, n in enumerate(lengths):
-            params = kinds[i % len(kinds)]
-            self.add(EngineRequest(f"warmup-{i}", [7 + (j % 1000) for j in range(n)], params, time.monotonic()))
-            self.step()  # the next prompt joins decodes already running: mixed steps too
-        while self.has_unfinished:
-            self.step()
+    def reset(self) -> None:
+        """An empty pool and prefix cache, zeroed counters and a re-seeded sampler: as if just started."""
         self.kv = KVCacheManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler(self.sampler.eos_token_ids, self.runner.device, self.config.seed)
         self.grammars.compiler.reset_stats()
         self.jump_forward_tokens = 0
-        if self.runner.device.type == "cuda":
-            torch.cuda.synchronize()
-        log.info("warm-up: %d prompt lengths up to %d tokens, every sampling path, in %.1f s", len(lengths),
-                 longest, time.perf_counter() - start)
 
     @property
     def info(self) -> CoreInfo:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvpilot.engine import LLM, SamplingParams
+from kvpilot.engine.warm_up import warm_up
 
 SHAPE = {"num_kv_blocks": 14, "max_num_batched_tokens": 24, "max_num_seqs": 4}
 
@@ -89,7 +90,7 @@ def test_warm_up_leaves_no_trace(tiny_model) -> None:
     params = SamplingParams(temperature=0.9, max_tokens=10, ignore_eos=True)
     fresh = LLM(model, max_num_batched_tokens=32).generate(prompts, params)
     warmed = LLM(model, max_num_batched_tokens=32)
-    warmed.core.warm_up()
+    warm_up(warmed.core)
     stats = warmed.core.stats()
     assert stats.num_free_blocks == stats.num_total_blocks and stats.prefix_cache_queries == 0
     assert stats.num_preemptions == 0 and not warmed.core.requests
