@@ -81,6 +81,21 @@ def _compact_json(node: Any) -> Any:
     return {k: _compact_json(v) for k, v in node.items()}
 
 
+def _current_form(tag: Any) -> Any:
+    """vLLM's first structural-tag form ({"structures": [{begin, schema, end}], "triggers"}) as xgrammar's
+    current one: text until a trigger, then the tag it opens."""
+    if not isinstance(tag, dict) or "structures" not in tag:
+        return tag
+    structures = tag["structures"]
+    if not isinstance(structures, list) or not all(isinstance(s, dict) and {"begin", "schema", "end"} <= s.keys()
+                                                   for s in structures):
+        raise ValueError("structures must be a list of {begin, schema, end}")
+    tags = [{"type": "tag", "begin": s["begin"], "content": {"type": "json_schema", "json_schema": s["schema"]},
+             "end": s["end"]} for s in tag["structures"]]
+    return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": tag.get("triggers", []),
+                                                 "tags": tags}}
+
+
 def build(spec: StructuredOutputs) -> Any:
     """The xgrammar Grammar of `spec`; ValueError naming the problem if it has none."""
     import xgrammar as xgr
@@ -91,7 +106,8 @@ def build(spec: StructuredOutputs) -> Any:
         if kind in ("json", "json_object"):
             return json_schema_grammar(json.loads(source))
         if kind == "structural_tag":
-            return xgr.Grammar.from_structural_tag(json.dumps(_compact_json(json.loads(source))))
+            tag = _compact_json(_current_form(json.loads(source)))
+            return xgr.Grammar.from_structural_tag(json.dumps(tag))
         if kind == "regex":
             return xgr.Grammar.from_regex(source)
         if kind == "choice":

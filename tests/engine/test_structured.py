@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from kvpilot.engine import LLM, RequestRejected, SamplingParams, StructuredOutputs
+from kvpilot.engine.structured import grammar
 
 sys.path.insert(0, str(Path(__file__).parent))
 from schemas import closing_bias, random_object_schema
@@ -130,7 +131,8 @@ def test_bad_grammars_are_refused_at_submission(llm: LLM) -> None:
            StructuredOutputs(regex="(ab"), StructuredOutputs(grammar='root ::= "a'),
            StructuredOutputs(grammar="start: undefined_rule"), StructuredOutputs(structural_tag="{"),
            StructuredOutputs(structural_tag='{"type": "structural_tag", "format": {"type": "tag"}}'),
-           StructuredOutputs(structural_tag=_tag({"type": "json_schema", "json_schema": {"type": "integr"}}))]
+           StructuredOutputs(structural_tag=_tag({"type": "json_schema", "json_schema": {"type": "integr"}})),
+           StructuredOutputs(structural_tag='{"structures": [{"begin": "<a>"}], "triggers": ["<a"]}')]
     for spec in bad:
         with pytest.raises(RequestRejected) as err:
             llm.add_request("x", SamplingParams(structured_outputs=spec))
@@ -159,6 +161,15 @@ def test_structural_tag_contents_are_compact_json_like_a_json_constraint(llm: LL
         jsonschema.validate(value, schema)
         outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text[3:-4])
         assert re.fullmatch(r"(?:[^\s]|(?<=[,:]) )*", outside_strings), text  # json.dumps spacing only
+
+
+def test_vllms_first_structural_tag_form_is_the_triggered_tags_it_means() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}}
+    legacy = {"structures": [{"begin": "<r>", "schema": schema, "end": "</r>"}], "triggers": ["<r"]}
+    current = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<r"], "tags": [
+        {"type": "tag", "begin": "<r>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</r>"}]}}
+    built = [str(grammar.build(StructuredOutputs(structural_tag=json.dumps(t)))) for t in (legacy, current)]
+    assert built[0] == built[1] and "TagDispatch" in built[0]
 
 
 def test_abort_while_compiling_frees_everything(llm: LLM) -> None:
