@@ -62,6 +62,10 @@ class EngineConfig(BaseModel):
     jump_forward: bool = Field(
         default=True, description="append the tokens a grammar forces without a decoding step for each"
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        default="auto", description="the format tool calls are written and read in: hermes (<tool_call> tags, "
+        "Qwen), llama3_json (Llama 3.1); auto reads it from the chat template"
+    )
 
     @field_validator("model")
     @classmethod

@@ -31,6 +31,7 @@ from kvpilot.engine.server.responses import (
     now_s,
 )
 from kvpilot.engine.server.streams import ClientGone, ServingContext
+from kvpilot.engine.tools import formats
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
@@ -79,7 +80,9 @@ def build_app(engine: AsyncEngine, options: ServerOptions | None = None) -> Fast
     options = options or ServerOptions()
     lifecycle = Lifecycle()
     metrics = ServerMetrics(engine.config, engine.model_revision, engine.stats)
-    ctx = ServingContext(engine, metrics, lifecycle, engine.config.name)
+    template = getattr(engine.tokenizer, "chat_template", None)
+    ctx = ServingContext(engine, metrics, lifecycle, engine.config.name,
+                         formats.resolve(engine.config.tool_call_parser, template))
 
     async def watch_engine() -> None:
         """The engine core died: out of service at once, and out of the process, so Kubernetes restarts it."""
@@ -96,7 +99,8 @@ def build_app(engine: AsyncEngine, options: ServerOptions | None = None) -> Fast
         if options.warmup:
             await _warm_up(engine)
         lifecycle.loaded = True
-        log.info("ready: serving %s (revision %s)", ctx.model_name, engine.model_revision)
+        log.info("ready: serving %s (revision %s; tool calls: %s)", ctx.model_name, engine.model_revision,
+                 ctx.tool_format.name if ctx.tool_format else "none (the chat template shows no format)")
         yield
         lifecycle.loaded = False
         watcher.cancel()

@@ -9,11 +9,13 @@ servers can live in one process.
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from kvpilot.engine.config import EngineConfig
 from kvpilot.engine.outputs import RequestOutput
+from kvpilot.engine.structured.params import Kind
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -98,7 +100,7 @@ class ServerMetrics:
             self._rejected.labels(*values, reason)
         self._structured = Counter("kvpilot:structured_requests", "requests admitted with a constrained output, "
                                    "by kind", [*LABELS, "kind"], registry=reg)
-        for kind in ("json", "json_object", "regex", "choice", "grammar"):
+        for kind in typing.get_args(Kind):
             self._structured.labels(*values, kind)
         info = Info("kvpilot:engine_config", "engine configuration and model revision", registry=reg)
         info.info({**{k: str(v) for k, v in config.model_dump().items()}, **self.labels})

@@ -10,8 +10,16 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from kvpilot.engine.config import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN
+from kvpilot.engine.server.tool_protocol import (
+    MAX_TOOLS,
+    Tool,
+    ToolCallParam,
+    ToolChoice,
+    check_tool_choice,
+    check_tools,
+)
 from kvpilot.engine.structured.params import StructuredOutputs
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # One HTTP request may ask for at most this many sequences (n x prompts), and a chat at most this many messages.
 MAX_SEQUENCES = 256
@@ -205,6 +213,15 @@ class ChatMessage(_Strict):
     content: Text | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCallParam] | None = Field(default=None, max_length=MAX_TOOLS)
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -213,6 +230,17 @@ class ChatMessage(_Strict):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' convention)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -220,12 +248,29 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none"] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(default=None, description="default: auto with tools, none without")
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     add_generation_prompt: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, value: list[Tool] | None) -> list[Tool] | None:
+        return check_tools(value)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        return check_tool_choice(value, info.data.get("tools"))
+
+    @field_validator("parallel_tool_calls")
+    @classmethod
+    def _parallel_needs_tools(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value is not None and not info.data.get("tools"):
+            raise ValueError("parallel_tool_calls is only allowed when tools are specified")
+        return value
 
     @model_validator(mode="after")
     def _logprobs_consistent(self) -> ChatCompletionRequest:
@@ -233,9 +278,14 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        """OpenAI's default: auto when the request offers tools, none when it does not."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
     def check_supported(self) -> None:
-        if self.tools:
-            raise Unsupported("tools", "tool calling is not supported")
         if self.store:
             raise Unsupported("store", "storing completions is not supported")
 
@@ -243,5 +293,5 @@ class ChatCompletionRequest(_SamplingRequest):
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def messages_for_template(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def messages_for_template(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]

@@ -19,6 +19,7 @@ from kvpilot.engine.outputs import RequestOutput
 from kvpilot.engine.server import errors
 from kvpilot.engine.server.lifecycle import Lifecycle
 from kvpilot.engine.server.metrics import RequestObserver, ServerMetrics
+from kvpilot.engine.tools.formats import ToolFormat
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -32,6 +33,7 @@ class ServingContext:
     metrics: ServerMetrics
     lifecycle: Lifecycle
     model_name: str
+    tool_format: ToolFormat | None = None  # how this model's tool calls are written and read
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _token_texts: dict[int, str] = field(default_factory=dict)
 

@@ -16,7 +16,7 @@ from kvpilot.engine.structured.params import StructuredOutputs
 # xgrammar prefixes its messages with "[hh:mm:ss] /path/file.cc:NN: ".
 _LOCATION = re.compile(r"^\[[0-9:]+\] [^ ]+:\d+: ")
 _WHAT = {"json": "JSON schema", "json_object": "JSON object", "regex": "regex", "choice": "choice",
-         "grammar": "grammar"}
+         "grammar": "grammar", "structural_tag": "structural tag"}
 
 
 def ebnf_literal(text: str) -> str:
@@ -59,6 +59,43 @@ def bounded_strings(schema: Any) -> Any:
     return out
 
 
+def json_schema_grammar(schema: Any) -> Any:
+    """The compact-JSON Grammar of a schema (a dict, or True for any JSON value)."""
+    import xgrammar as xgr
+
+    text = json.dumps(bounded_strings({} if schema is True else schema), ensure_ascii=False)
+    return xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
+
+
+def _compact_json(node: Any) -> Any:
+    """A structural tag with each plain JSON-schema content as the grammar `json_schema_grammar` builds: the
+    same compact JSON, string escaping and strictness as a `json` constraint (xgrammar's own json_schema
+    content allows free whitespace). Contents with another style, any_order or excludes are left as given."""
+    if isinstance(node, list):
+        return [_compact_json(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    plain = node.get("style", "json") == "json" and not node.get("any_order") and not node.get("excludes")
+    if node.get("type") == "json_schema" and plain and "json_schema" in node:
+        return {"type": "grammar", "grammar": str(json_schema_grammar(node["json_schema"]))}
+    return {k: _compact_json(v) for k, v in node.items()}
+
+
+def _current_form(tag: Any) -> Any:
+    """vLLM's first structural-tag form ({"structures": [{begin, schema, end}], "triggers"}) as xgrammar's
+    current one: text until a trigger, then the tag it opens."""
+    if not isinstance(tag, dict) or "structures" not in tag:
+        return tag
+    structures = tag["structures"]
+    if not isinstance(structures, list) or not all(isinstance(s, dict) and {"begin", "schema", "end"} <= s.keys()
+                                                   for s in structures):
+        raise ValueError("structures must be a list of {begin, schema, end}")
+    tags = [{"type": "tag", "begin": s["begin"], "content": {"type": "json_schema", "json_schema": s["schema"]},
+             "end": s["end"]} for s in tag["structures"]]
+    return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": tag.get("triggers", []),
+                                                 "tags": tags}}
+
+
 def build(spec: StructuredOutputs) -> Any:
     """The xgrammar Grammar of `spec`; ValueError naming the problem if it has none."""
     import xgrammar as xgr
@@ -67,8 +104,10 @@ def build(spec: StructuredOutputs) -> Any:
     try:
         source = spec.source()
         if kind in ("json", "json_object"):
-            schema = json.dumps(bounded_strings(json.loads(source)), ensure_ascii=False)
-            return xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
+            return json_schema_grammar(json.loads(source))
+        if kind == "structural_tag":
+            tag = _compact_json(_current_form(json.loads(source)))
+            return xgr.Grammar.from_structural_tag(json.dumps(tag))
         if kind == "regex":
             return xgr.Grammar.from_regex(source)
         if kind == "choice":

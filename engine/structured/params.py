@@ -1,8 +1,9 @@
 """What a request constrains its output to, under vLLM's names (`SamplingParams(structured_outputs=...)`).
 
-Exactly one of `json`, `regex`, `choice`, `grammar` or `json_object` is set. JSON is generated in the compact
-one-line form `json.dumps` writes (", " and ": "), never with free whitespace: a model then cannot loop on
-whitespace, and jump-forward can append the schema's fixed keys and punctuation without a decoding step.
+Exactly one of `json`, `regex`, `choice`, `grammar`, `json_object` or `structural_tag` is set. JSON is generated
+in the compact one-line form `json.dumps` writes (", " and ": "), never with free whitespace, inside a structural
+tag too: a model then cannot loop on whitespace, and jump-forward can append the schema's fixed keys and
+punctuation without a decoding step.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_GRAMMAR_CHARS = 64 * 1024
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1024
+MAX_STRUCTURAL_TAG_CHARS = 1024 * 1024  # tool calling puts every tool's parameter schema in one tag
 
-Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
+Kind = Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
 
 
 class StructuredOutputs(BaseModel):
@@ -31,6 +33,9 @@ class StructuredOutputs(BaseModel):
     grammar: str | None = Field(default=None, min_length=1, max_length=MAX_GRAMMAR_CHARS,
                                 description="EBNF (GBNF, with ::=) or Lark")
     json_object: bool | None = None
+    structural_tag: str | None = Field(
+        default=None, min_length=1, max_length=MAX_STRUCTURAL_TAG_CHARS,
+        description="xgrammar's structural tag, as JSON text: tags, triggers and their contents (tool calls)")
     disable_any_whitespace: bool = Field(default=False, description="accepted: JSON here never has free whitespace")
     disable_additional_properties: bool = Field(
         default=False, description="treat every object in the schema as additionalProperties: false")
@@ -38,11 +43,13 @@ class StructuredOutputs(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
-        set_ = [k for k in ("json_schema", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        set_ = [k for k in ("json_schema", "regex", "choice", "grammar", "structural_tag")
+                if getattr(self, k) is not None]
         set_ += ["json_object"] if self.json_object else []
         if len(set_) != 1:
             names = ", ".join("json" if k == "json_schema" else k for k in set_) or "none"
-            raise ValueError(f"set exactly one of json, regex, choice, grammar, json_object (got {names})")
+            raise ValueError(f"set exactly one of json, regex, choice, grammar, json_object, structural_tag "
+                             f"(got {names})")
         if isinstance(self.json_schema, str) and len(self.json_schema) > MAX_GRAMMAR_CHARS:
             raise ValueError(f"the JSON schema exceeds {MAX_GRAMMAR_CHARS} characters")
         return self
@@ -57,6 +64,8 @@ class StructuredOutputs(BaseModel):
             return "choice"
         if self.grammar is not None:
             return "grammar"
+        if self.structural_tag is not None:
+            return "structural_tag"
         return "json_object"
 
     def source(self) -> str:
@@ -71,7 +80,7 @@ class StructuredOutputs(BaseModel):
             return jsonlib.dumps(schema, ensure_ascii=False)
         if self.choice is not None:
             return jsonlib.dumps(self.choice, ensure_ascii=False)
-        return self.regex or self.grammar or '{"type": "object"}'
+        return self.regex or self.grammar or self.structural_tag or '{"type": "object"}'
 
     @property
     def key(self) -> tuple[str, str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from kvpilot.engine import LLM, RequestRejected, SamplingParams, StructuredOutputs
+from kvpilot.engine.structured import grammar
 
 sys.path.insert(0, str(Path(__file__).parent))
 from schemas import closing_bias, random_object_schema
@@ -128,7 +129,10 @@ def test_bad_grammars_are_refused_at_submission(llm: LLM) -> None:
     bad = [StructuredOutputs(json={"type": "object", "properties": {"a": {"type": "string", "pattern": "[a-"}}}),
            StructuredOutputs(json="{not json"), StructuredOutputs(json={"type": "integr"}),
            StructuredOutputs(regex="(ab"), StructuredOutputs(grammar='root ::= "a'),
-           StructuredOutputs(grammar="start: undefined_rule")]
+           StructuredOutputs(grammar="start: undefined_rule"), StructuredOutputs(structural_tag="{"),
+           StructuredOutputs(structural_tag='{"type": "structural_tag", "format": {"type": "tag"}}'),
+           StructuredOutputs(structural_tag=_tag({"type": "json_schema", "json_schema": {"type": "integr"}})),
+           StructuredOutputs(structural_tag='{"structures": [{"begin": "<a>"}], "triggers": ["<a"]}')]
     for spec in bad:
         with pytest.raises(RequestRejected) as err:
             llm.add_request("x", SamplingParams(structured_outputs=spec))
@@ -136,6 +140,36 @@ def test_bad_grammars_are_refused_at_submission(llm: LLM) -> None:
     assert not llm.core.has_unfinished
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputs(regex="a", choice=["a"])
+
+
+def _tag(content: dict) -> str:
+    return json.dumps({"type": "structural_tag", "format": {"type": "tag", "begin": "<r>", "content": content,
+                                                            "end": "</r>"}})
+
+
+def test_structural_tag_contents_are_compact_json_like_a_json_constraint(llm: LLM) -> None:
+    """vLLM's structural_tag: a JSON-schema content is generated as `json` would be, with no free whitespace."""
+    params = [SamplingParams(max_tokens=400, temperature=1.0, seed=seed, logit_bias=closing_bias(llm.tokenizer),
+                             structured_outputs=StructuredOutputs(structural_tag=_tag(
+                                 {"type": "json_schema", "json_schema": random_object_schema(seed)})))
+              for seed in range(12)]
+    for p, out in zip(params, llm.generate(["Tagged:"] * len(params), params), strict=True):
+        text = out.outputs[0].text
+        assert out.outputs[0].finish_reason == "stop" and text.startswith("<r>") and text.endswith("</r>"), text
+        value = json.loads(text[3:-4])
+        schema = json.loads(p.structured_outputs.structural_tag)["format"]["content"]["json_schema"]
+        jsonschema.validate(value, schema)
+        outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text[3:-4])
+        assert re.fullmatch(r"(?:[^\s]|(?<=[,:]) )*", outside_strings), text  # json.dumps spacing only
+
+
+def test_vllms_first_structural_tag_form_is_the_triggered_tags_it_means() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}}
+    legacy = {"structures": [{"begin": "<r>", "schema": schema, "end": "</r>"}], "triggers": ["<r"]}
+    current = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<r"], "tags": [
+        {"type": "tag", "begin": "<r>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</r>"}]}}
+    built = [str(grammar.build(StructuredOutputs(structural_tag=json.dumps(t)))) for t in (legacy, current)]
+    assert built[0] == built[1] and "TagDispatch" in built[0]
 
 
 def test_abort_while_compiling_frees_everything(llm: LLM) -> None:

@@ -101,7 +101,8 @@ _small_max_tokens = st.one_of(st.integers(min_value=-2, max_value=4), _values)
 _fields = ["prompt", "n", "temperature", "top_p", "stop", "seed", "logprobs", "stream", "presence_penalty",
            "frequency_penalty", "repetition_penalty",
            "top_k", "min_p", "min_tokens", "stream_options", "user", "best_of", "echo", "logit_bias",
-           "stop_token_ids", "ignore_eos", "messages", "top_logprobs", "max_completion_tokens", "tools", "x"]
+           "stop_token_ids", "ignore_eos", "messages", "top_logprobs", "max_completion_tokens", "tools", "tool_choice",
+           "parallel_tool_calls", "x"]
 _bodies = st.fixed_dictionaries(
     {"model": st.one_of(st.just("demo"), _values), "max_tokens": _small_max_tokens},
     optional={f: (_values if f != "messages" else st.lists(st.fixed_dictionaries(
