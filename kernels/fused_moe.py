@@ -72,6 +72,20 @@ def _block_coords(num_rows, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
     return first_m + (pid % per_group) % group, (pid % per_group) // group
 
 
+@triton.jit
+def _block_rows(
+    sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, num_pairs, N, stride_we, stride_wn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The block's pairs (pads masked), its columns, and the offsets of its expert's first [K, N] weight tile."""
+    pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_offs = expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    return pair, pair < num_pairs, offs_n, offs_n < N, offs_k, w_offs
+
+
 # Token counts change every step: specialising on them would compile a variant per batch size under load.
 @triton.jit(do_not_specialize=["num_rows", "num_pairs"])
 def _gate_up_kernel(
@@ -84,16 +98,12 @@ def _gate_up_kernel(
     pid_m, pid_n = _block_coords(num_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    m_mask = pair < num_pairs
+    pair, m_mask, offs_n, n_mask, offs_k, w_offs = _block_rows(
+        sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, num_pairs, N, stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K
+    )
     token = (pair // TOP_K).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + token[:, None] * stride_x + offs_k[None, :]
-    gate_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    gate_ptrs = w_ptr + w_offs
     up_ptrs = gate_ptrs + N * stride_wn
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -122,16 +132,12 @@ def _down_kernel(
     pid_m, pid_n = _block_coords(num_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    m_mask = pair < num_pairs
+    pair, m_mask, offs_n, n_mask, offs_k, w_offs = _block_rows(
+        sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, num_pairs, N, stride_we, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K
+    )
     rows = pair.to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    w_ptrs = w_ptr + w_offs
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
