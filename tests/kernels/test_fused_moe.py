@@ -105,6 +105,16 @@ def test_alignment_sorts_pairs_into_single_expert_blocks(tokens: int, top_k: int
         assert len(block) and (flat[block.long()] == expert_ids[b]).all(), f"block {b} mixes experts"
 
 
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_routing_and_the_block_sort_are_graph_safe(tokens: int) -> None:
+    """On the meta device no tensor has values: routing and the sort run there only if nothing reads a device
+    value on the host and every shape follows from the token count alone, as CUDA graph capture requires."""
+    weights, ids = route(torch.empty(tokens, 16, device="meta"), top_k=4, renormalize=True)
+    sorted_ids, expert_ids, total = align_block_size(ids, 16, 16)
+    assert sorted_ids.shape == (max_padded_pairs(tokens * 4, 16, 16),) and weights.shape == (tokens, 4)
+    assert expert_ids.shape == (sorted_ids.shape[0] // 16,) and total.shape == (1,)
+
+
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_route_matches_transformers_routers(renormalize: bool) -> None:
     from transformers import Qwen3MoeConfig
