@@ -75,6 +75,12 @@ def _configs() -> dict[str, tuple[type, object]]:
         "qwen3": (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True)),
         # A window shorter than most prompts and wider than a block: blocks behind it are freed mid-sequence.
         "mistral_window": (MistralForCausalLM, MistralConfig(**COMMON, sliding_window=20)),
+        # Qwen2's rule: layers from max_window_layers on slide, the others attend to everything.
+        "qwen2_window": (
+            Qwen2ForCausalLM,
+            Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=20, max_window_layers=1,
+                        tie_word_embeddings=False),
+        ),
         "mixtral": (MixtralForCausalLM, MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)),
         # Routed layers 0 and 2 with a gated shared expert; layer 1 dense (mlp_only_layers).
         "qwen2_moe": (

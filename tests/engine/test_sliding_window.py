@@ -98,6 +98,17 @@ def test_a_hit_survives_the_eviction_of_blocks_behind_the_window() -> None:
     assert kv.num_free_blocks == 7  # the three evicted ones are popped, never given back
 
 
+@pytest.mark.parametrize("chunk", [8192, 16])
+def test_a_model_mixing_windowed_and_full_layers_matches_transformers(tiny_model, chunk: int) -> None:
+    """Qwen2 with use_sliding_window: layer 1 slides, layer 0 does not, so every block stays."""
+    model = str(tiny_model("qwen2_window"))
+    prompts = [PROMPT[:n] for n in (3, 19, 20, 21, 40, 70)]
+    llm = LLM(model, max_num_batched_tokens=chunk)
+    assert llm.core.runner.model.model.layers[1].self_attn.window == WINDOW and llm.core.kv.window is None
+    outs = [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(12))]
+    assert outs == hf_greedy(model, tuple(map(tuple, prompts)), 12)
+
+
 def test_windows_follow_transformers_layer_rules() -> None:
     base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=4, num_attention_heads=2)
     mistral = parse_arch({**base, "model_type": "mistral", "sliding_window": 4096})
