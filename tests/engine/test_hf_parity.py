@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from kvpilot.engine import LLM, SamplingParams
+from kvpilot.engine.request import Sequence
 from transformers import AutoModelForCausalLM
 
 from tests.engine.hf_reference import hf_greedy
@@ -43,6 +44,7 @@ def test_greedy_matches_transformers(tiny_model, family: str, setting: str) -> N
     prompts = _prompts(shared_prefix=setting == "prefix")
     expected = hf_greedy(str(model_dir), tuple(map(tuple, prompts)), MAX_TOKENS)
     llm = LLM(str(model_dir), **SETTINGS[setting])
+    released = _count_released(llm)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
     got = [o.outputs[0].token_ids for o in outputs]
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
@@ -53,6 +55,22 @@ def test_greedy_matches_transformers(tiny_model, family: str, setting: str) -> N
         assert stats.prefix_cache_hits > 0
     if setting == "preempt":
         assert stats.num_preemptions > 0, "the small pool was meant to force preemption"
+    if llm.core.kv.window is not None:
+        assert released[0] > 0, "blocks behind the window were meant to go back while sequences ran"
+
+
+def _count_released(llm: LLM) -> list[int]:
+    """A running count of the blocks the pool gives back behind a sliding window."""
+    kv, count = llm.core.kv, [0]
+    release = kv.release_outside_window
+
+    def counted(seq: Sequence) -> int:
+        n = release(seq)
+        count[0] += n
+        return n
+
+    kv.release_outside_window = counted  # type: ignore[method-assign]
+    return count
 
 
 @pytest.mark.parametrize("family", FAMILIES)
