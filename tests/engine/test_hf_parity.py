@@ -1,5 +1,5 @@
 """Greedy outputs token-for-token equal to transformers' generate(), in every scheduling regime: dense families,
-the mixture-of-experts families, and a Mistral whose sliding window is shorter than most prompts."""
+the mixture-of-experts families, and a Mistral whose sliding window is shorter than every prompt it is given."""
 
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ from tests.engine.hf_reference import hf_greedy
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mistral_window", "mixtral", "qwen2_moe", "qwen3_moe"]
 MAX_TOKENS = 10
+WINDOWS = {"mistral_window": 20}  # tests/conftest.py's window: every prompt of that family is longer
 LENGTHS = [1, 2, 3, 5, 8, 15, 16, 17, 20, 31, 32, 33, 40, 47, 50, 70]
 
 
-def _prompts(shared_prefix: bool) -> list[list[int]]:
+def _prompts(shared_prefix: bool, longer_than: int = 0) -> list[list[int]]:
+    """16 prompts of mixed lengths, each past `longer_than` tokens (a sliding window) when given."""
     rng = random.Random(7)
     prefix = [rng.randrange(1, 512) for _ in range(37)]
     prompts = []
     for n in LENGTHS:
-        tail = [rng.randrange(1, 512) for _ in range(n)]
+        tail = [rng.randrange(1, 512) for _ in range(n + longer_than)]
         prompts.append(prefix + tail if shared_prefix else tail)
     return prompts
 
@@ -41,7 +43,7 @@ SETTINGS = {
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_greedy_matches_transformers(tiny_model, family: str, setting: str) -> None:
     model_dir: Path = tiny_model(family)
-    prompts = _prompts(shared_prefix=setting == "prefix")
+    prompts = _prompts(shared_prefix=setting == "prefix", longer_than=WINDOWS.get(family, 0))
     expected = hf_greedy(str(model_dir), tuple(map(tuple, prompts)), MAX_TOKENS)
     llm = LLM(str(model_dir), **SETTINGS[setting])
     released = _count_released(llm)
