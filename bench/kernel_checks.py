@@ -13,6 +13,7 @@ from kvpilot.kernels.extend_attention import (
     varlen_causal_attention,
     varlen_causal_attention_ref,
 )
+from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route
 from kvpilot.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kvpilot.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kvpilot.kernels.rotary import build_rope_cache, rotary_embedding, rotary_embedding_ref
@@ -96,23 +97,34 @@ def _silu(dtype: torch.dtype) -> float:
     return _rel(silu_and_mul(x), silu_and_mul_ref(x))
 
 
-def _decode(dtype: torch.dtype, page: int, splits: int | None) -> float:
+def _decode(dtype: torch.dtype, page: int, splits: int | None, window: int | None = None) -> float:
     seq_lens = [1, page, page + 1, 1000, 4096, 77, 2 * page, 3000]
     k_cache, v_cache, table = _paged(seq_lens, 8, 128, page, dtype)
     q = torch.randn(len(seq_lens), 32, 128, device=DEVICE).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    out = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.088, num_splits=splits, max_seq_len=4096)
-    return _rel(out, paged_decode_attention_ref(q, k_cache, v_cache, table, lens, 0.088))
+    out = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.088, num_splits=splits, max_seq_len=4096,
+                                 window=window)  # fmt: skip
+    return _rel(out, paged_decode_attention_ref(q, k_cache, v_cache, table, lens, 0.088, window=window))
 
 
-def _extend(dtype: torch.dtype, page: int) -> float:
+def _extend(dtype: torch.dtype, page: int, window: int | None = None) -> float:
     parts = [(0, 500), (1024, 300), (page - 3, 3 + page), (2000, 1), (0, 1), (37, 129)]
     seq_lens, q_lens = [p + n for p, n in parts], [n for _, n in parts]
     k_cache, v_cache, table = _paged(seq_lens, 8, 128, page, dtype)
     q = torch.randn(sum(q_lens), 32, 128, device=DEVICE).to(dtype)
     cu, lens = _cu(q_lens), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    out = extend_attention(q, k_cache, v_cache, cu, lens, table, max(q_lens), 0.088)
-    return _rel(out, extend_attention_ref(q, k_cache, v_cache, cu, lens, table, max(q_lens), 0.088))
+    out = extend_attention(q, k_cache, v_cache, cu, lens, table, max(q_lens), 0.088, window=window)
+    ref = extend_attention_ref(q, k_cache, v_cache, cu, lens, table, max(q_lens), 0.088, window=window)
+    return _rel(out, ref)
+
+
+def _moe(dtype: torch.dtype, tokens: int, experts: int, top_k: int, inter: int, hidden: int) -> float:
+    """The fused MoE kernels at a real model's expert shape (Qwen3-30B-A3B: 128 x 768 x 2048, top-8)."""
+    x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device=DEVICE) * hidden**-0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device=DEVICE) * inter**-0.5).to(dtype)
+    weights, ids = route(torch.randn(tokens, experts, device=DEVICE), top_k, renormalize=True)
+    return _rel(fused_experts(x, w13, w2, weights, ids), fused_experts_ref(x, w13, w2, weights, ids))
 
 
 def _varlen(dtype: torch.dtype) -> float:
@@ -141,7 +153,14 @@ def _cases() -> list[tuple[str, str, torch.dtype, Callable[[], float]]]:
             ("extend_attention", f"{name} block16 mixed prefix+chunk", dt, lambda dt=dt: _extend(dt, 16)),
             ("extend_attention", f"{name} block32 mixed prefix+chunk", dt, lambda dt=dt: _extend(dt, 32)),
             ("varlen_causal_attention", f"{name} no cache", dt, lambda dt=dt: _varlen(dt)),
+            ("paged_decode_attention", f"{name} block16 window 1000", dt, lambda dt=dt: _decode(dt, 16, None, 1000)),
+            ("extend_attention", f"{name} block16 window 700", dt, lambda dt=dt: _extend(dt, 16, 700)),
         ]
+        for tokens in (1, 64, 333):
+            cases.append(("fused_moe", f"{name} E128 top8 I768 H2048 T{tokens}", dt,
+                          lambda dt=dt, t=tokens: _moe(dt, t, 128, 8, 768, 2048)))  # fmt: skip
+        cases.append(("fused_moe", f"{name} E8 top2 I1792 H4096 T200", dt,
+                      lambda dt=dt: _moe(dt, 200, 8, 2, 1792, 4096)))  # fmt: skip
     return cases
 
 

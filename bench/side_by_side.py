@@ -3,9 +3,12 @@ serving (cold start, first load after ready, a Poisson rate sweep, the highest r
 
     python -m bench.side_by_side offline --engine kvpilot|vllm [--workloads decode,nano,random,prefix,mixed]
     python -m bench.side_by_side serve --engine kvpilot|vllm [--rates 8,16,24,32,48,64]
+    python -m bench.side_by_side offline --engine kvpilot|vllm --shape qwen3-30b-a3b --workloads decode,random \
+        --decode-batches 1,64      (issue 15's MoE targets; mixtral-8x7b likewise)
 
 vLLM is imported only when asked for (`--engine vllm`, with vLLM importable); kvpilot never depends on it.
-Prompts are token ids (dummy weights, no tokenizer), outputs ignore EOS. Each run writes one JSON under
+Prompts are token ids (dummy weights, no tokenizer), outputs ignore EOS; random ids lie below the shape's
+vocabulary (100,000 for the Llama shapes, 32,000 for Mixtral's). Each run writes one JSON under
 bench/results/ with the device, commit, date, every knob the engine resolved, and every figure.
 """
 
@@ -37,8 +40,17 @@ class Spec:
 
 
 # ---- workloads (token-id prompts, reproducible) ------------------------------------------------------------
-def nano_workload() -> tuple[list[list[int]], list[Spec]]:
-    """nano-vllm's bench.py: all prompts drawn first, then the output lengths (fingerprint checked)."""
+def _id_bounds(vocab: int) -> tuple[int, int]:
+    """Random prompt ids: [1000, 100000) for the Llama shapes as before, inside smaller vocabularies."""
+    hi = min(100_000, vocab)
+    return min(1000, hi // 2), hi
+
+
+def nano_workload(vocab: int) -> tuple[list[list[int]], list[Spec]]:
+    """nano-vllm's bench.py: all prompts drawn first, then the output lengths (fingerprint checked).
+
+    Its ids lie below 10,000, inside every shape's vocabulary, so `vocab` changes nothing here.
+    """
     random.seed(0)
     prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(256)]
     specs = [Spec(random.randint(100, 1024), 0.6) for _ in range(256)]
@@ -46,23 +58,23 @@ def nano_workload() -> tuple[list[list[int]], list[Spec]]:
     return prompts, specs
 
 
-def random_workload() -> tuple[list[list[int]], list[Spec]]:
-    rng = random.Random(0)
-    return [[rng.randrange(1000, 100000) for _ in range(256)] for _ in range(1000)], [Spec(256, 1.0)] * 1000
+def random_workload(vocab: int) -> tuple[list[list[int]], list[Spec]]:
+    rng, ids = random.Random(0), _id_bounds(vocab)
+    return [[rng.randrange(*ids) for _ in range(256)] for _ in range(1000)], [Spec(256, 1.0)] * 1000
 
 
-def prefix_workload() -> tuple[list[list[int]], list[Spec]]:
-    rng = random.Random(0)
+def prefix_workload(vocab: int) -> tuple[list[list[int]], list[Spec]]:
+    rng, ids = random.Random(0), _id_bounds(vocab)
     prompts = []
     for _ in range(64):
-        shared = [rng.randrange(1000, 100000) for _ in range(2048)]
-        prompts += [shared + [rng.randrange(1000, 100000) for _ in range(128)] for _ in range(16)]
+        shared = [rng.randrange(*ids) for _ in range(2048)]
+        prompts += [shared + [rng.randrange(*ids) for _ in range(128)] for _ in range(16)]
     return prompts, [Spec(256, 0.0)] * len(prompts)
 
 
-def mixed_workload() -> tuple[list[list[int]], list[Spec]]:
+def mixed_workload(vocab: int) -> tuple[list[list[int]], list[Spec]]:
     """Skewed like chat traffic: mostly short turns, some long documents, a few long generations."""
-    rng = random.Random(1)
+    rng, ids = random.Random(1), _id_bounds(vocab)
     prompts, specs = [], []
     for _ in range(600):
         kind = rng.random()
@@ -74,12 +86,21 @@ def mixed_workload() -> tuple[list[list[int]], list[Spec]]:
             n_in, n_out = rng.randint(3072, 6144), rng.randint(16, 128)
         else:
             n_in, n_out = rng.randint(64, 512), rng.randint(768, 1536)
-        prompts.append([rng.randrange(1000, 100000) for _ in range(n_in)])
+        prompts.append([rng.randrange(*ids) for _ in range(n_in)])
         specs.append(Spec(n_out, 0.8))
     return prompts, specs
 
 
 WORKLOADS = {"nano": nano_workload, "random": random_workload, "prefix": prefix_workload, "mixed": mixed_workload}
+
+
+def shape_dir(shape: str) -> Path:
+    """A folder of bench/configs, or a model directory given by path."""
+    return CONFIGS / shape if (CONFIGS / shape).is_dir() else Path(shape)
+
+
+def vocab_size(shape: str) -> int:
+    return int(json.loads((shape_dir(shape) / "config.json").read_text())["vocab_size"])
 
 
 # ---- engines ------------------------------------------------------------------------------------------------
@@ -89,7 +110,7 @@ class KvpilotOffline:
     def __init__(self, shape: str, max_model_len: int) -> None:
         from kvpilot.engine import LLM
 
-        self.llm = LLM(str(CONFIGS / shape), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len)
+        self.llm = LLM(str(shape_dir(shape)), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len)
 
     def generate(self, prompts: list[list[int]], specs: list[Spec]) -> int:
         from kvpilot.engine import SamplingParams
@@ -108,7 +129,7 @@ class VllmOffline:
     def __init__(self, shape: str, max_model_len: int) -> None:
         from vllm import LLM
 
-        self.llm = LLM(model=str(CONFIGS / shape), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
+        self.llm = LLM(model=str(shape_dir(shape)), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
                        skip_tokenizer_init=True, gpu_memory_utilization=0.9)
 
     def generate(self, prompts: list[list[int]], specs: list[Spec]) -> int:
@@ -139,10 +160,10 @@ def _timed(engine: Any, prompts: list[list[int]], specs: list[Spec]) -> tuple[fl
     return time.perf_counter() - start, out_tokens
 
 
-def decode_ms(engine: Any, batch: int) -> float:
+def decode_ms(engine: Any, batch: int, vocab: int) -> float:
     """(time at max_tokens 256 - time at 32) / 224 after a 128-token prompt, best of 2: prefill and start-up cancel."""
-    rng = random.Random(batch)
-    prompts = [[rng.randrange(1000, 100000) for _ in range(128)] for _ in range(batch)]
+    rng, ids = random.Random(batch), _id_bounds(vocab)
+    prompts = [[rng.randrange(*ids) for _ in range(128)] for _ in range(batch)]
     best = float("inf")
     for _ in range(2):
         short, _ = _timed(engine, prompts, [Spec(32, 0.0)] * batch)
@@ -158,11 +179,13 @@ def run_offline(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"engine": args.engine, "shape": args.shape, "init_s": init_s, "knobs": engine.knobs(),
                               "workloads": {}}
     engine.generate([[5, 6, 7] * 40], [Spec(8, 0.0)])  # one warm request, as both engines' servers do
+    vocab = vocab_size(args.shape)
     for name in args.workloads.split(","):
         if name == "decode":
-            result["workloads"]["decode"] = {f"b{b}_ms": round(decode_ms(engine, b), 3) for b in (1, 128)}
+            batches = [int(b) for b in args.decode_batches.split(",")]
+            result["workloads"]["decode"] = {f"b{b}_ms": round(decode_ms(engine, b, vocab), 3) for b in batches}
         else:
-            prompts, specs = WORKLOADS[name]()
+            prompts, specs = WORKLOADS[name](vocab)
             elapsed, out_tokens = _timed(engine, prompts, specs)
             result["workloads"][name] = {"requests": len(prompts), "input_tokens": sum(map(len, prompts)),
                                          "output_tokens": out_tokens, "elapsed_s": round(elapsed, 2),
@@ -173,7 +196,7 @@ def run_offline(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- serving ------------------------------------------------------------------------------------------------
 def _server_cmd(engine: str, shape: str, port: int, max_model_len: int) -> tuple[list[str], dict[str, str]]:
-    model = str(CONFIGS / shape)
+    model = str(shape_dir(shape))
     common = ["--model", model, "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len",
               str(max_model_len), "--port", str(port), "--host", "127.0.0.1"]
     if engine == "kvpilot":
@@ -271,10 +294,12 @@ def main() -> None:
     parser.add_argument("--engine", choices=["kvpilot", "vllm"], required=True)
     parser.add_argument("--shape", default="llama-3.1-8b", help="a folder of bench/configs, or a model path")
     parser.add_argument("--max-model-len", type=int, default=8192)
-    parser.add_argument("--vocab-size", type=int, default=128000, help="serving: random token ids lie below")
+    parser.add_argument("--vocab-size", type=int, help="serving: random token ids lie below (default: the shape's, "
+                        "at most 128000)")
     parser.add_argument("--input-len", type=int, nargs=2, default=(512, 1024), help="serving: prompt length range")
     parser.add_argument("--output-len", type=int, nargs=2, default=(128, 256), help="serving: output length range")
     parser.add_argument("--workloads", default="decode,nano,random,prefix,mixed")
+    parser.add_argument("--decode-batches", default="1,128", help="offline decode: batch sizes timed")
     parser.add_argument("--rates", default="8,16,24,32,48,64")
     parser.add_argument("--num-prompts", type=int, default=240)
     parser.add_argument("--cold-seconds", type=float, default=30.0)
@@ -282,6 +307,7 @@ def main() -> None:
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "."))
     parser.add_argument("--name", help="result file name (default: side-by-side-<mode>-<engine>)")
     args = parser.parse_args()
+    args.vocab_size = args.vocab_size or min(128_000, vocab_size(args.shape))
     body = run_offline(args) if args.mode == "offline" else run_serve(args)
     name = args.name or f"side-by-side-{args.mode}-{args.engine}"
     write_result(name, {**provenance(), **body})

@@ -38,6 +38,8 @@ class DecodeGraphs:
     ) -> None:
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
         self.max_model_len = max_model_len
+        # Split-K divides the keys a decode reads: under a window in every layer, at most the window's.
+        self.max_keys = min(max_model_len, model.arch.kv_window or max_model_len)
         dev = next(model.parameters()).device
         self.sizes = bucket_sizes(max_batch)
         width = -(-max_model_len // block_size)
@@ -71,7 +73,7 @@ class DecodeGraphs:
         from kvpilot.kernels.paged_decode_attention import default_num_splits
 
         size = next((s for s in self.sizes if s >= batch), self.sizes[-1])
-        return default_num_splits(size, self.kv_caches[0][0].shape[2], self.max_model_len, self.input_ids.device)
+        return default_num_splits(size, self.kv_caches[0][0].shape[2], self.max_keys, self.input_ids.device)
 
     def _pin_decode_splits(self, batch: int) -> None:
         """A graph bakes in its launch grid: fix split-K for the longest context this batch size may see."""
@@ -80,7 +82,7 @@ class DecodeGraphs:
         from kvpilot.kernels.paged_decode_attention import default_num_splits
 
         kv_heads = self.kv_caches[0][0].shape[2]
-        splits = default_num_splits(batch, kv_heads, self.max_model_len, self.input_ids.device)
+        splits = default_num_splits(batch, kv_heads, self.max_keys, self.input_ids.device)
         self.backend.decode_num_splits = splits
 
     @torch.inference_mode()

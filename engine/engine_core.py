@@ -73,7 +73,7 @@ class EngineCore:
         except BaseException:
             self.close()
             raise
-        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = self._new_pool()
         self.scheduler = Scheduler(config, self.kv)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler(tuple(sorted(eos_token_ids)), self.runner.device, config.seed)
@@ -88,15 +88,22 @@ class EngineCore:
 
     def reset(self) -> None:
         """An empty pool and prefix cache, zeroed counters and a re-seeded sampler: as if just started."""
-        self.kv = KVCacheManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.kv = self._new_pool()
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler(self.sampler.eos_token_ids, self.runner.device, self.config.seed)
         self.grammars.compiler.reset_stats()
         self.jump_forward_tokens = 0
 
+    def _new_pool(self) -> KVCacheManager:
+        config = self.config
+        return KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                              window=self.arch.kv_window)
+
     @property
     def info(self) -> CoreInfo:
-        return CoreInfo(self.kv.num_blocks, self.kv.block_size, self.config.max_model_len or 0)
+        kv = self.kv
+        return CoreInfo(kv.num_blocks, kv.block_size, self.config.max_model_len or 0,
+                        kv.max_blocks_per_seq(self.config.max_num_batched_tokens))
 
     def close(self) -> None:
         """Stop the grammar compiler and the tensor-parallel workers, if any (also done at interpreter exit)."""
@@ -226,7 +233,10 @@ class EngineCore:
             if seq.finished:  # its request failed in this step's sampling: its blocks are already free
                 continue
             seq.num_computed_tokens += n
-            self.kv.cache_full_blocks(seq)  # later steps run after this one on the stream: sharing is safe
+            # Later steps run after this one on the stream: sharing its blocks, or reusing those it read that
+            # fell behind the window, is safe before it finishes.
+            self.kv.cache_full_blocks(seq)
+            self.kv.release_outside_window(seq)
         for seq, first, count in plan.prompt:
             seq.prompt_logprobs_next = first + count
         if samples is None and prompt is None and not plan.ended:

@@ -94,6 +94,8 @@ def check_fits(core: CoreInfo, num_prompt_tokens: int, max_tokens: int) -> None:
             param="max_tokens",
         )
     need = -(-(total - 1) // core.block_size)
+    if core.max_blocks_per_seq is not None:  # blocks behind the sliding window are given back as it moves
+        need = min(need, core.max_blocks_per_seq)
     if need > core.num_kv_blocks:
         raise RequestRejected(
             f"the request needs {need} KV blocks ({total} tokens) but the whole pool holds "

@@ -5,6 +5,12 @@ keeps its token ids, so a hit is exact even if two hashes collide. Cached blocks
 references stay in the free list and are evicted least-recently-freed first, only when needed.
 A `BlockListener` hears each block named (stored) and each named block reused (evicted): how routers
 learn which prefixes this engine holds (kv_events.py, server/kv_events.py).
+
+With sliding-window attention in every layer, a running sequence gives back its leading blocks once no
+later query can see them (all their tokens before `num_computed_tokens - window + 1`), so a long generation
+holds a bounded number of blocks. Their table entries stay as placeholders (attention never reads them) so
+a token's block is still `block_table[position // block_size]`; named blocks keep their name in the free
+list, as any freed block does, and stay prefix-cache hits until evicted (no event: they are still held).
 """
 
 from __future__ import annotations
@@ -33,11 +39,17 @@ class BlockListener(Protocol):
     def evicted(self, block_hash: int) -> None: ...
 
 
+# The table entry of a block given back behind the window: a valid block id, never read.
+RELEASED = 0
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 window: int | None = None) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}
@@ -57,6 +69,15 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def max_blocks_per_seq(self, max_step_tokens: int) -> int | None:
+        """The most blocks one sequence holds at once under the window (None: its whole context).
+
+        At a step computing n tokens from position c it holds the blocks of positions c - window + 1 .. c + n - 1.
+        """
+        if self.window is None:
+            return None
+        return (self.window + max_step_tokens - 2) // self.block_size + 2
+
     # ---- prefix cache -----------------------------------------------------------------------
     def _block_tokens(self, seq: Sequence, index: int) -> tuple[int, ...]:
         bs = self.block_size
@@ -69,17 +90,39 @@ class KVCacheManager:
             seq.block_hashes.append(chain_hash(parent, self._block_tokens(seq, i)))
         return seq.block_hashes[index]
 
+    def _lookup(self, seq: Sequence, index: int) -> int | None:
+        block_id = self.cached.get(self.block_hash(seq, index))
+        if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(seq, index):
+            return None
+        return block_id
+
+    def released_in_hit(self, num_blocks: int) -> int:
+        """Leading blocks of a prefix hit of `num_blocks` blocks that its first new query cannot see."""
+        if self.window is None:
+            return 0
+        return max(0, num_blocks * self.block_size - self.window + 1) // self.block_size
+
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks covering the sequence's leading full blocks; the last token is always recomputed."""
+        """Cached blocks covering the sequence's leading full blocks; the last token is always recomputed.
+
+        Under a sliding window only the blocks the first new query sees must be cached (a block's hash names its
+        whole prefix): the longest such prefix wins, its unseen leading blocks RELEASED placeholders.
+        """
         if not self.enable_prefix_caching:
             return []
-        hits: list[int] = []
-        for index in range((seq.num_tokens - 1) // self.block_size):
-            block_id = self.cached.get(self.block_hash(seq, index))
-            if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(seq, index):
+        full = (seq.num_tokens - 1) // self.block_size
+        hits: list[int | None] = []
+        best = run = 0
+        for index in range(full):
+            block_id = self._lookup(seq, index)
+            if block_id is None and self.window is None:
                 break
             hits.append(block_id)
-        return hits
+            run = run + 1 if block_id is not None else 0
+            if run >= index + 1 - self.released_in_hit(index + 1):
+                best = index + 1
+        released = self.released_in_hit(best)
+        return [RELEASED] * released + [b for b in hits[released:best] if b is not None]
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Name every block the sequence has filled with computed tokens, so others can share it.
@@ -89,7 +132,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
-        for index in range(seq.num_cached_blocks, full):
+        for index in range(max(seq.num_cached_blocks, seq.num_released_blocks), full):
             block = self.blocks[seq.block_table[index]]
             if block.block_hash is not None:
                 continue
@@ -126,16 +169,19 @@ class KVCacheManager:
         table = len(seq.block_table) + len(shared)
         computed = len(shared) * self.block_size if shared else seq.num_computed_tokens
         needed = self.blocks_for(computed + num_new_tokens) - table
-        reclaimable = sum(1 for b in shared if self.blocks[b].ref_count == 0)
+        held = shared[self.released_in_hit(len(shared)) :]
+        reclaimable = sum(1 for b in held if self.blocks[b].ref_count == 0)
         return needed <= len(self.free) - reclaimable
 
     def share(self, seq: Sequence, block_ids: list[int]) -> None:
-        """Adopt already-computed blocks (prefix hits or a parent sample's prompt)."""
-        for block_id in block_ids:
+        """Adopt already-computed blocks (prefix hits or a parent sample's prompt), placeholders left as they are."""
+        released = self.released_in_hit(len(block_ids))
+        for block_id in block_ids[released:]:
             self._take(block_id)
         seq.block_table.extend(block_ids)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         seq.num_cached_blocks = len(seq.block_table)
+        seq.num_released_blocks = released
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
@@ -143,20 +189,38 @@ class KVCacheManager:
             raise RuntimeError("allocate() called without can_allocate(): the scheduler's invariant broke")
         seq.block_table.extend(self._pop_free() for _ in range(needed))
 
+    def release_outside_window(self, seq: Sequence) -> int:
+        """Give back the leading blocks no query from `num_computed_tokens` on can see; returns how many."""
+        if self.window is None:
+            return 0
+        first_seen = max(0, seq.num_computed_tokens - self.window + 1)
+        end = min(first_seen // self.block_size, len(seq.block_table))
+        start = seq.num_released_blocks
+        for index in range(start, end):
+            self._release(seq.block_table[index])
+            seq.block_table[index] = RELEASED
+        seq.num_released_blocks = max(start, end)
+        seq.num_cached_blocks = max(seq.num_cached_blocks, seq.num_released_blocks)
+        return max(0, end - start)
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count < 0:
+            raise RuntimeError(f"block {block_id} freed more often than taken")
+        if block.ref_count == 0:
+            self.free[block_id] = None
+            if block.block_hash is None:  # nothing to keep: reuse these first
+                self.free.move_to_end(block_id, last=False)
+
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references; tail blocks go first to the eviction end."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count < 0:
-                raise RuntimeError(f"block {block_id} freed more often than taken")
-            if block.ref_count == 0:
-                self.free[block_id] = None
-                if block.block_hash is None:  # nothing to keep: reuse these first
-                    self.free.move_to_end(block_id, last=False)
+        for block_id in reversed(seq.block_table[seq.num_released_blocks :]):
+            self._release(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
+        seq.num_released_blocks = 0
 
     def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries += num_prompt_tokens

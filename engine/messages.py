@@ -117,6 +117,7 @@ class CoreInfo:
     num_kv_blocks: int
     block_size: int
     max_model_len: int
+    max_blocks_per_seq: int | None = None  # under a sliding window in every layer; None: a whole context's
 
 
 def _lps_to_wire(lps: list[TokenLogprob] | None) -> list[tuple[int, float, dict[int, float]]] | None:

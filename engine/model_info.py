@@ -39,9 +39,6 @@ def resolve(config: EngineConfig) -> ModelInfo:
         raise ValueError(
             f"max_model_len ({max_len}) exceeds the model's max_position_embeddings ({arch.max_position_embeddings})"
         )
-    if arch.sliding_window and max_len > arch.sliding_window:
-        log.warning("sliding window %d is not implemented: capping max_model_len to it", arch.sliding_window)
-        max_len = arch.sliding_window
     return ModelInfo(config.model_copy(update={"max_model_len": max_len}), model_dir, arch)
 
 

@@ -17,6 +17,7 @@ from kvpilot.engine.host_buffers import HostBuffers
 from kvpilot.engine.input_batch import StepInputs, StepRows, build_step_inputs
 from kvpilot.engine.models.arch import ModelArch
 from kvpilot.engine.models.llama import CausalLM
+from kvpilot.engine.models.moe import warm_up_experts
 from kvpilot.engine.parallel import SINGLE, TPGroup
 from kvpilot.engine.piecewise_graphs import PiecewiseGraphs
 from kvpilot.engine.request import Sequence
@@ -62,6 +63,10 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(arch.num_layers)]
+        if self.device.type == "cuda":  # eager steps above the piecewise buckets pick MoE tiles by token count
+            warmed = warm_up_experts(model, config.max_num_batched_tokens)
+            if warmed:
+                log.info("fused MoE kernels compiled for %d tile configs", warmed)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
             self.graphs = DecodeGraphs(

@@ -2,7 +2,8 @@
 
 Megatron-style: q/k/v and gate/up are split by output rows (heads, intermediate units) and need no
 communication; o_proj and down_proj are split by input columns and their partial sums are all-reduced;
-the embedding and LM head are split by vocabulary rows. One process per GPU (gloo on CPU for tests).
+every expert of an MoE layer is split the same way along its intermediate units (the router is
+replicated); the embedding and LM head are split by vocabulary rows. One process per GPU (gloo on CPU for tests).
 """
 
 from __future__ import annotations
@@ -47,11 +48,14 @@ SINGLE = TPGroup()
 
 
 def check_divisible(arch: ModelArch, size: int) -> None:
-    """Heads and MLP units must split evenly; say which one does not."""
+    """Heads, MLP units and each expert's units must split evenly; say which one does not."""
+    dense = not all(arch.is_moe_layer(i) for i in range(arch.num_layers))
     for name, value in (
         ("num_attention_heads", arch.num_heads),
         ("num_key_value_heads", arch.num_kv_heads),
-        ("intermediate_size", arch.intermediate_size),
+        ("intermediate_size", arch.intermediate_size if dense else 0),
+        ("moe_intermediate_size", arch.moe_intermediate_size),
+        ("shared_expert_intermediate_size", arch.shared_expert_intermediate_size),
     ):
         if value % size:
             raise ValueError(f"tensor_parallel_size {size} does not divide the model's {name} ({value})")

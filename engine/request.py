@@ -47,6 +47,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks already offered to the prefix cache
+    num_released_blocks: int = 0  # leading blocks given back behind the sliding window (placeholders in the table)
     num_pending: int = 0  # trailing tokens sampled on the GPU, not yet read back
     finish_reason: str | None = None
     stop_reason: int | None = None

@@ -190,8 +190,8 @@ class Scheduler:
             return []
         parent = seq.parent
         cached = self.kv.find_cached_prefix(seq)
-        if parent is None or parent.status is not SeqStatus.RUNNING:
-            return cached
+        if parent is None or parent.status is not SeqStatus.RUNNING or parent.num_released_blocks:
+            return cached  # a parent past its window holds placeholders for its first blocks: use the cache
         full = min(parent.num_computed_tokens, seq.num_prompt_tokens, seq.num_tokens - 1) // self.kv.block_size
         inherited = parent.block_table[:full]
         return inherited if len(inherited) > len(cached) else cached

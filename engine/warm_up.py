@@ -4,6 +4,9 @@ Prefills of several lengths (chunked beyond the step budget) join decodes alread
 decode graphs and the piecewise graphs all run, and every sampling path does (greedy, top-k/top-p, seeded with
 min-p and logprobs, penalties and logit_bias on the synchronous path, a grammar). Without this the first load
 after ready paid for kernel compiles (TTFT p95 2.5 s on an H200). The core is reset afterwards.
+A mixture of experts' block runs in every one of these steps; the tile configs its kernels take at other token
+counts were compiled when the runner was built (models/moe.py's warm_up_experts), and a sliding window's kernel
+variants are the ones every step of a windowed model launches.
 """
 
 from __future__ import annotations

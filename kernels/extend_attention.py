@@ -3,8 +3,10 @@
 Each sequence's new queries sit at the end of its context (positions seq_len - q_len .. seq_len - 1) and
 attend over every cached key up to their own position, so plain prefill, chunked prefill and prefix-cache
 hits are one kernel. Flash-attention style: K/V tiles stream through an online softmax in fp32; tiles wholly
-below the causal diagonal skip the mask. With no cache (the engine's profiling pass) K/V come from the
-step's own flat tensors and each sequence sees only its own new tokens.
+below the causal diagonal skip the mask. With a sliding window of w a query at p sees keys p - w + 1 .. p:
+a tile of queries starts at the first key its first query sees, tiles inside every query's window skip the
+mask, and blocks before the window are never read. With no cache (the engine's profiling pass) K/V come from
+the step's own flat tensors and each sequence sees only its own new tokens.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ def _kv_offsets(bt_row, row0, offs_n, n_mask, stride_0, stride_1, PAGED: tl.cons
 
 @triton.jit
 def _attend_tile(
-    q, acc, m_i, l_i, k_base, v_base, bt_row, row0, n0, end, q_pos, qk_scale,
+    q, acc, m_i, l_i, k_base, v_base, bt_row, row0, n0, first, end, q_pos, qk_scale, window,
     stride_k0, stride_k1, stride_v0, stride_v1,
-    offs_d, MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    offs_d, MASKED: tl.constexpr, SLIDING: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end
+    if SLIDING:  # keys before `first` (the tile's first query's window) may sit in blocks given back: not read
+        n_mask = n_mask & (offs_n >= first)
     k_off = _kv_offsets(bt_row, row0, offs_n, n_mask, stride_k0, stride_k1, PAGED, PAGE)
     v_off = _kv_offsets(bt_row, row0, offs_n, n_mask, stride_v0, stride_v1, PAGED, PAGE)
     if MASKED:
@@ -50,10 +53,16 @@ def _attend_tile(
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :])
     s = mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
     if MASKED:
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if SLIDING:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_ref = m_new
+    if SLIDING:  # a row can see nothing in a tile before its window: keep its sums at zero, not NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
@@ -64,14 +73,14 @@ def _attend_tile(
 
 
 # The block-table width changes with every batch: specialising on it would compile variants under load.
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "window"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, seq_lens_ptr, block_tables_ptr,
-    qk_scale,
+    qk_scale, window,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
     stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
@@ -86,6 +95,15 @@ def _extend_kernel(
     # Keys below the tile's first query position need no causal mask; the rest up to its last one do.
     full_end = tl.where(live, (prefix + m0) // BLOCK_N * BLOCK_N, 0)
     end = tl.where(live, tl.minimum(ctx_len, prefix + m0 + BLOCK_M), 0)
+    # Under a window: from the first key the first query sees; unmasked only where every query sees the tile.
+    first = 0
+    lo = 0
+    full_start = 0
+    if SLIDING:
+        first = tl.maximum(prefix + m0 - window + 1, 0)
+        lo = tl.where(live, first // BLOCK_N * BLOCK_N, 0)
+        inside = tl.cdiv(prefix + m0 + BLOCK_M - window, BLOCK_N) * BLOCK_N
+        full_start = tl.minimum(tl.maximum(inside, lo), full_end)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -103,15 +121,24 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(0, full_end, BLOCK_N):
+    if SLIDING:
+        for n0 in range(lo, full_start, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_base, v_base, bt_row, q_start, n0, first, end, q_pos, qk_scale, window,
+                stride_k0, stride_k1, stride_v0, stride_v1, offs_d, True, SLIDING, PAGED, PAGE, BLOCK_N, PRECISION,
+                UPCAST,
+            )  # fmt: skip
+    for n0 in range(full_start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, bt_row, q_start, n0, end, q_pos, qk_scale,
-            stride_k0, stride_k1, stride_v0, stride_v1, offs_d, False, PAGED, PAGE, BLOCK_N, PRECISION, UPCAST,
+            q, acc, m_i, l_i, k_base, v_base, bt_row, q_start, n0, first, end, q_pos, qk_scale, window,
+            stride_k0, stride_k1, stride_v0, stride_v1, offs_d, False, SLIDING, PAGED, PAGE, BLOCK_N, PRECISION,
+            UPCAST,
         )  # fmt: skip
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, bt_row, q_start, n0, end, q_pos, qk_scale,
-            stride_k0, stride_k1, stride_v0, stride_v1, offs_d, True, PAGED, PAGE, BLOCK_N, PRECISION, UPCAST,
+            q, acc, m_i, l_i, k_base, v_base, bt_row, q_start, n0, first, end, q_pos, qk_scale, window,
+            stride_k0, stride_k1, stride_v0, stride_v1, offs_d, True, SLIDING, PAGED, PAGE, BLOCK_N, PRECISION,
+            UPCAST,
         )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = out_ptr + q_rows[:, None] * stride_o_t + h * stride_o_h + offs_d[None, :]
@@ -131,8 +158,10 @@ def extend_attention(
     block_n: int | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] flat over sequences -> [T, Hq, D], each query attending over its paged context causally."""
+    """q [T, Hq, D] flat over sequences -> [T, Hq, D], each query attending over its paged context causally
+    (within the last `window` positions when given)."""
     check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     _check_cu(cu_seqlens_q, block_tables.shape[0])
     page = k_cache.shape[1]
@@ -140,7 +169,7 @@ def extend_attention(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_query_len, scale,
         (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
         (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
-        page, True, block_m, block_n, num_warps, num_stages,
+        page, True, block_m, block_n, num_warps, num_stages, window,
     )  # fmt: skip
 
 
@@ -155,6 +184,7 @@ def varlen_causal_attention(
     block_n: int | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention within each sequence's own tokens of flat q [T, Hq, D], k/v [T, Hkv, D] (no cache)."""
     check_dtype("q", q)
@@ -172,7 +202,7 @@ def varlen_causal_attention(
     return _launch(
         q, k, v, cu_seqlens_q, dummy[:, 0].contiguous(), dummy, max_query_len, scale,
         (k.stride(0), 0, k.stride(1)), (v.stride(0), 0, v.stride(1)),
-        16, False, block_m, block_n, num_warps, num_stages,
+        16, False, block_m, block_n, num_warps, num_stages, window,
     )  # fmt: skip
 
 
@@ -200,6 +230,7 @@ def _launch(
     block_n: int | None,
     num_warps: int,
     num_stages: int,
+    window: int | None,
 ) -> torch.Tensor:
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     batch = cu_seqlens_q.shape[0] - 1
@@ -215,11 +246,12 @@ def _launch(
         try:
             _extend_kernel[grid](
                 q, k, v, out, cu_seqlens_q, seq_lens, block_tables,
-                scale * _LOG2E,
+                scale * _LOG2E, window or 0,
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 *k_strides, *v_strides,
                 block_tables.stride(0),
-                GROUP=hq // hkv, HEAD_DIM=d, PAGED=paged, PAGE=page, BLOCK_M=block_m, BLOCK_N=tile_n,
+                GROUP=hq // hkv, HEAD_DIM=d, PAGED=paged, PAGE=page, SLIDING=bool(window),
+                BLOCK_M=block_m, BLOCK_N=tile_n,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=dot_upcast(q.dtype),
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
@@ -232,14 +264,16 @@ def _launch(
             _FITTED_BLOCK_N[fit_key] = tile_n
 
 
-def _causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
     """q [n, Hq, D] at the last n positions of k, v [ctx, Hkv, D] -> [n, Hq, D] in fp32."""
     group = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
     v = v.float().repeat_interleave(group, dim=1)
     n, ctx = q.shape[0], k.shape[0]
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    visible = torch.arange(ctx, device=q.device)[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]
+    keys = torch.arange(ctx, device=q.device)[None, :]
+    q_pos = (ctx - n + torch.arange(n, device=q.device))[:, None]
+    visible = (keys <= q_pos) & (keys > q_pos - window) if window else keys <= q_pos
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v)
 
@@ -253,6 +287,7 @@ def extend_attention_ref(
     block_tables: torch.Tensor,
     max_query_len: int,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     page = k_cache.shape[1]
     out = torch.empty_like(q)
@@ -261,15 +296,21 @@ def extend_attention_ref(
         pos = torch.arange(ctx, device=q.device)
         slots = block_tables[i, pos // page].long() * page + pos % page
         k, v = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
-        out[cu[i] : cu[i + 1]] = _causal_ref(q[cu[i] : cu[i + 1]], k, v, scale).to(q.dtype)
+        out[cu[i] : cu[i + 1]] = _causal_ref(q[cu[i] : cu[i + 1]], k, v, scale, window).to(q.dtype)
     return out
 
 
 def varlen_causal_attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, max_query_len: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     for a, z in itertools.pairwise(cu):
-        out[a:z] = _causal_ref(q[a:z], k[a:z], v[a:z], scale).to(q.dtype)
+        out[a:z] = _causal_ref(q[a:z], k[a:z], v[a:z], scale, window).to(q.dtype)
     return out

@@ -2,7 +2,9 @@
 
 One program handles every query head that shares a KV head (so each K/V row is read once per step) and one
 contiguous split of the context; a second kernel merges the splits by their log-sum-exp. Splitting the
-context keeps the GPU full when batch x KV heads alone is too few programs for long contexts.
+context keeps the GPU full when batch x KV heads alone is too few programs for long contexts. With a sliding
+window of w the context is the last w keys only: the splits divide that span, and no block before it is read
+(the KV manager may have given those back).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ _LOG2E = 1.4426950408889634
 
 
 # The block-table width changes with every batch: specialising on it would compile variants under load.
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "window"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -41,7 +43,9 @@ def _decode_split_kernel(
     stride_vc_s,
     stride_vc_h,
     stride_bt,
+    window,
     NUM_SPLITS: tl.constexpr,
+    SLIDING: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -54,8 +58,11 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(seq_len - window, 0)
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -164,8 +171,10 @@ def paged_decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q [B, Hq, D] (sequence i's one query is row i) -> [B, Hq, D]; sequence i sees seq_lens[i] cached keys.
+    """q [B, Hq, D] (sequence i's one query is row i) -> [B, Hq, D]; sequence i sees seq_lens[i] cached keys,
+    or only the last `window` of them.
 
     num_splits fixes the split-K factor (keep it fixed under CUDA graphs); by default it follows the batch and
     max_seq_len (a host int: pass it to avoid reading the block-table width as the bound).
@@ -182,6 +191,7 @@ def paged_decode_attention(
         return out
     if num_splits is None:
         bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
+        bound = min(bound, window) if window else bound
         num_splits = default_num_splits(batch, hkv, bound, q.device)
     group = hq // hkv
     if num_splits > 1:
@@ -195,8 +205,8 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
-        NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        block_tables.stride(0), window or 0,
+        NUM_SPLITS=num_splits, SLIDING=bool(window), GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, PAGE=page, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=dot_upcast(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
@@ -216,12 +226,13 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // hkv
     out = torch.empty_like(q)
     for i, n in enumerate(seq_lens.tolist()):
-        pos = torch.arange(n, device=q.device)
+        pos = torch.arange(max(0, n - window) if window else 0, n, device=q.device)
         slots = block_tables[i, pos // page].long() * page + pos % page
         k = k_cache.flatten(0, 1)[slots].float().repeat_interleave(group, dim=1)  # [n, Hq, D]
         v = v_cache.flatten(0, 1)[slots].float().repeat_interleave(group, dim=1)

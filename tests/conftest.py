@@ -27,10 +27,16 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 COMMON = dict(
@@ -67,6 +73,27 @@ def _configs() -> dict[str, tuple[type, object]]:
         "mistral": (MistralForCausalLM, MistralConfig(**COMMON, sliding_window=None)),
         "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON, use_sliding_window=False, tie_word_embeddings=False)),
         "qwen3": (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True)),
+        # A window shorter than most prompts and wider than a block: blocks behind it are freed mid-sequence.
+        "mistral_window": (MistralForCausalLM, MistralConfig(**COMMON, sliding_window=20)),
+        # Qwen2's rule: layers from max_window_layers on slide, the others attend to everything.
+        "qwen2_window": (
+            Qwen2ForCausalLM,
+            Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=20, max_window_layers=1,
+                        tie_word_embeddings=False),
+        ),
+        "mixtral": (MixtralForCausalLM, MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)),
+        # Routed layers 0 and 2 with a gated shared expert; layer 1 dense (mlp_only_layers).
+        "qwen2_moe": (
+            Qwen2MoeForCausalLM,
+            Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 3}, num_experts=8, num_experts_per_tok=2,
+                           moe_intermediate_size=32, shared_expert_intermediate_size=96, mlp_only_layers=[1],
+                           use_sliding_window=False, tie_word_embeddings=False),
+        ),
+        "qwen3_moe": (
+            Qwen3MoeForCausalLM,
+            Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+                           norm_topk_prob=True, tie_word_embeddings=False),
+        ),
     }
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The fourth of four device calls (../shared/peers/README.md): install vLLM 0.26.0 from the parts the first
 # three left in /tmp/peer, then run the same side-by-side workloads against it. Carry .peer/p3 and .whl.
+# offline takes SHAPE, WORKLOADS and DECODE_BATCHES as run_kvpilot.sh does; moe-kernels times kvpilot's
+# fused MoE kernels with vLLM's fused_experts beside them on the same inputs.
 set -uo pipefail
 mkdir -p /tmp/peer/p3 && cp .peer/p3/* /tmp/peer/p3/ && (cd /tmp/peer && cp p3/SHA256SUMS . && sha256sum -c --quiet SHA256SUMS \
   && cat p0/part-* p1/part-* p2/part-* p3/part-* | tar -xf - \
@@ -11,10 +13,14 @@ export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    offline) PYTHONPATH=/tmp/vsite timeout -k 5 330 python3 -m bench.side_by_side offline --engine vllm 2>&1 \
+    offline) PYTHONPATH=/tmp/vsite timeout -k 5 ${OFFLINE_S:-330} python3 -m bench.side_by_side offline --engine vllm \
+               --shape ${SHAPE:-llama-3.1-8b} --workloads ${WORKLOADS:-decode,nano,random,prefix,mixed} \
+               --decode-batches ${DECODE_BATCHES:-1,128} --name side-by-side-offline-vllm${SHAPE:+-$SHAPE} 2>&1 \
                | grep -v -i "warn\|INFO" | tail -12 ;;
+    moe-kernels) PYTHONPATH=/tmp/vsite timeout -k 5 300 python3 bench/fused_moe.py --shape ${SHAPE:-qwen3-30b-a3b} \
+                   2>&1 | grep -v -i "warn\|INFO" | tail -8 ;;
     serve) PYTHONPATH=/tmp/site timeout -k 5 360 python3 -m bench.side_by_side serve --engine vllm \
              --rates ${RATES:-8,16,32,48} --ready-timeout 200 2>&1 | tail -10 ;;
   esac
 done
-cp bench/results/side-by-side-*-vllm.json "$OUT"/ 2>/dev/null; ls "$OUT"
+cp bench/results/side-by-side-*-vllm*.json bench/results/fused-moe-*.json "$OUT"/ 2>/dev/null; ls "$OUT"

@@ -7,7 +7,9 @@ Layout contract shared by the engine and every kernel:
 - sequence i owns query tokens cu_seqlens_q[i]:cu_seqlens_q[i+1] (int32, [B+1]); its context after this
   step is seq_lens[i] tokens (int32, [B]), the first seq_lens[i] - q_len of them already cached;
   block_tables [B, max_blocks] (int32) maps its logical blocks to physical ones.
-Attention is causal: the query at context position p sees keys 0..p.
+Attention is causal: the query at context position p sees keys 0..p, or with a sliding window w only keys
+p - w + 1..p (so blocks wholly before the window of a sequence's next query are never read, and the KV
+manager may free them).
 """
 
 from __future__ import annotations
@@ -54,5 +56,6 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor | None,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         """Return [T, Hq, D]. With no cache (the memory-profiling pass) attend within the step only."""

@@ -7,6 +7,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from kvpilot.engine.parallel import TPGroup
 from kvpilot.kernels.rope_cache import build_rope_cache
 from torch import nn
 
@@ -92,3 +93,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return fused.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return nn.functional.silu(gate) * up
+
+
+class MLP(nn.Module):
+    """The gated SiLU MLP, its intermediate units split across tensor-parallel ranks.
+
+    `reduce=False` leaves the all-reduce of down_proj's partial sums to the caller (the MoE block sums its
+    shared expert with the routed experts first, then reduces once).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup, reduce: bool = True) -> None:
+        super().__init__()
+        self.tp, self.reduce = tp, reduce
+        inter = intermediate_size // tp.size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(out) if self.reduce else out

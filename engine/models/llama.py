@@ -1,8 +1,10 @@
-"""The decoder forward pass for Llama, Mistral, Qwen2 and Qwen3, over a flat batch of tokens.
+"""The decoder forward pass for Llama, Mistral, Qwen2 and Qwen3, and for Mixtral, Qwen2-MoE and Qwen3-MoE
+(whose routed layers take moe.py's block in place of the MLP), over a flat batch of tokens.
 
 Tokens of every sequence in a step are concatenated (no padding); attention is the only place
 that needs to know where one sequence ends, and it reads that from AttentionMetadata.
 q/k/v and gate/up projections are fused into one matmul each; the loader splits HF weights into them.
+A layer with a sliding window passes it to the attention backend, which attends within it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import torch
 from kvpilot.engine.attention.backend import AttentionBackend, AttentionMetadata
 from kvpilot.engine.models.arch import ModelArch
-from kvpilot.engine.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from kvpilot.engine.models.layers import MLP, RMSNorm, RotaryEmbedding
+from kvpilot.engine.models.moe import SparseMoE
 from kvpilot.engine.parallel import SINGLE, ParallelLMHead, TPGroup, VocabParallelEmbedding
 from torch import nn
 
@@ -20,9 +23,10 @@ KVCache = tuple[torch.Tensor, torch.Tensor] | None
 class Attention(nn.Module):
     """Heads split across tensor-parallel ranks; o_proj's partial sums are all-reduced."""
 
-    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, tp: TPGroup) -> None:
+    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, tp: TPGroup, window: int | None = None) -> None:
         super().__init__()
         self.tp = tp
+        self.window = window
         self.num_heads, self.num_kv_heads = arch.num_heads // tp.size, arch.num_kv_heads // tp.size
         self.head_dim = arch.head_dim
         self.q_size = self.num_heads * self.head_dim
@@ -50,7 +54,7 @@ class Attention(nn.Module):
                meta: AttentionMetadata) -> torch.Tensor:
         assert self.backend is not None, "the model runner sets the attention backend before any forward"
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-        return self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(self.o_proj(attn.reshape(attn.shape[0], self.q_size)))
@@ -61,25 +65,16 @@ class Attention(nn.Module):
         return self.output(self.attend(*self.project(positions, x), kv_cache, meta))
 
 
-class MLP(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPGroup) -> None:
-        super().__init__()
-        self.tp = tp
-        inter = arch.intermediate_size // tp.size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, arch.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, tp: TPGroup) -> None:
+    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, tp: TPGroup, index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Attention(arch, rotary, tp)
+        window = arch.layer_windows[index] if arch.layer_windows else None
+        self.self_attn = Attention(arch, rotary, tp, window)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = MLP(arch, tp)
+        self.mlp: nn.Module = (
+            SparseMoE(arch, tp) if arch.is_moe_layer(index) else MLP(arch.hidden_size, arch.intermediate_size, tp)
+        )
 
     def pre_attention(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -113,7 +108,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, tp) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, tp, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(

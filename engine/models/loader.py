@@ -1,14 +1,16 @@
 """Weights into our modules: the real safetensors path (single or sharded), or dummy weights for benchmarks.
 
-HF checkpoints keep q/k/v and gate/up as separate tensors; ours are fused, so each HF tensor names
-the slice of a fused parameter it fills. Every parameter must be filled exactly once: a missing or
-unexpected tensor is an error, never a silently random weight.
+HF checkpoints keep q/k/v and gate/up as separate tensors, and each expert of an MoE layer as its own
+(`experts.{e}.gate_proj`, or Mixtral's `block_sparse_moe.experts.{e}.w1`); ours are fused and stacked, so
+each HF tensor names the slice of a parameter it fills. Every parameter must be filled exactly once: a
+missing or unexpected tensor is an error, never a silently random weight.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,6 +31,12 @@ _FUSED = {
     ".gate_proj.": (".gate_up_proj.", 0),
     ".up_proj.": (".gate_up_proj.", 1),
 }
+# One expert's tensor -> (our stacked parameter, shard index among gate|up)
+_EXPERT = re.compile(
+    r"^(?P<stack>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+)
+_EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+                 "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -53,15 +61,15 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _shard_slice(model: CausalLM, name: str, shard: int) -> slice:
+def _shard_slice(model: CausalLM, name: str, shard: int, param: torch.Tensor) -> slice:
     """Where q/k/v (or gate/up) sit inside this rank's fused parameter."""
     arch, tp = model.arch, model.tp.size
     if ".qkv_proj." in name:
         q, kv = arch.num_heads * arch.head_dim // tp, arch.num_kv_heads * arch.head_dim // tp
         starts = [0, q, q + kv]
         sizes = [q, kv, kv]
-    else:
-        inter = arch.intermediate_size // tp
+    else:  # gate|up of a dense MLP [2I, H], of the shared expert, or of a stack of experts [E, 2I, H]
+        inter = param.shape[-2] // 2
         starts, sizes = [0, inter], [inter, inter]
     return slice(starts[shard], starts[shard] + sizes[shard])
 
@@ -71,40 +79,58 @@ def _rank_part(model: CausalLM, name: str, tensor: torch.Tensor) -> torch.Tensor
     tp = model.tp
     if tp.size == 1:
         return tensor
-    if ".qkv_proj." in name or ".gate_up_proj." in name:
+    if ".qkv_proj." in name or ".gate_up_proj." in name or name.endswith("experts.gate_up_proj"):
         return shard_rows(tensor, tp, tensor.shape[0] // tp.size)
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
+    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
         return shard_cols(tensor, tp)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return shard_rows(tensor, tp, -(-tensor.shape[0] // tp.size))
     return tensor
 
 
+def _place(hf_name: str) -> tuple[str, int | None, int | None]:
+    """(our parameter, expert index or None, shard among the fused parts or None) of a checkpoint tensor."""
+    hf_name = hf_name.replace(".block_sparse_moe.", ".mlp.")
+    expert = _EXPERT.match(hf_name)
+    if expert is not None:
+        param, shard = _EXPERT_PARTS[expert["proj"]]
+        return f"{expert['stack']}.{param}", int(expert["expert"]), shard
+    for frag, (ours, index) in _FUSED.items():
+        if frag in hf_name:
+            return hf_name.replace(frag, ours), None, index
+    return hf_name, None, None
+
+
+def _expected_parts(name: str, param: torch.Tensor) -> int:
+    if name.endswith("experts.gate_up_proj"):
+        return 2 * param.shape[0]
+    if name.endswith("experts.down_proj"):
+        return param.shape[0]
+    return 3 if ".qkv_proj." in name else 2 if ".gate_up_proj." in name else 1
+
+
 @torch.no_grad()
 def _fill(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]], source: str, sharded: bool) -> None:
-    """Copy HF-named tensors into our (fused, possibly sharded) parameters; every one filled exactly once."""
+    """Copy HF-named tensors into our (fused, stacked, possibly sharded) parameters; each filled exactly once."""
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
-    expected_parts = {n: 3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 1 for n in params}
     for hf_name, tensor in tensors:
         if "rotary_emb" in hf_name:
             continue
-        name, shard = hf_name, None
-        for frag, (ours, index) in _FUSED.items():
-            if frag in hf_name:
-                name, shard = hf_name.replace(frag, ours), index
-                break
+        name, expert, shard = _place(hf_name)
         if name == "lm_head.weight" and model.arch.tie_word_embeddings:
             continue
-        if name not in params:
+        if name not in params or (expert is not None and expert >= params[name].shape[0]):
             raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {model.arch.model_type} model")
         part = tensor if sharded else _rank_part(model, name, tensor)
-        target = params[name] if shard is None else params[name][_shard_slice(model, name, shard)]
+        target = params[name] if expert is None else params[name][expert]
+        if shard is not None:
+            target = target[_shard_slice(model, name, shard, params[name])]
         if tuple(target.shape) != tuple(part.shape):
             raise ValueError(f"{hf_name}: checkpoint shape {tuple(part.shape)} != model {tuple(target.shape)}")
         target.copy_(part.to(target.dtype))
         filled[name] = filled.get(name, 0) + 1
-    missing = [n for n, parts in expected_parts.items() if filled.get(n, 0) != parts]
+    missing = [n for n, p in params.items() if filled.get(n, 0) != _expected_parts(n, p)]
     if missing:
         raise ValueError(f"{source} lacks weights for {missing[:5]} ({len(missing)} in all)")
 
@@ -128,14 +154,37 @@ def hf_layout(arch: ModelArch) -> Iterator[tuple[str, tuple[int, ...], str | Non
         if arch.qk_norm:
             yield f"{pre}self_attn.q_norm.weight", (d,), None
             yield f"{pre}self_attn.k_norm.weight", (d,), None
-        yield f"{pre}mlp.gate_proj.weight", (inter, h), "rows"
-        yield f"{pre}mlp.up_proj.weight", (inter, h), "rows"
-        yield f"{pre}mlp.down_proj.weight", (h, inter), "cols"
+        if arch.is_moe_layer(i):
+            yield from _moe_layout(arch, pre)
+        else:
+            yield from _mlp_layout(f"{pre}mlp.", h, inter)
         yield f"{pre}input_layernorm.weight", (h,), None
         yield f"{pre}post_attention_layernorm.weight", (h,), None
     yield "model.norm.weight", (h,), None
     if not arch.tie_word_embeddings:
         yield "lm_head.weight", (arch.vocab_size, h), "vocab"
+
+
+def _mlp_layout(pre: str, hidden: int, inter: int) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
+    yield f"{pre}gate_proj.weight", (inter, hidden), "rows"
+    yield f"{pre}up_proj.weight", (inter, hidden), "rows"
+    yield f"{pre}down_proj.weight", (hidden, inter), "cols"
+
+
+def _moe_layout(arch: ModelArch, pre: str) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
+    """A routed layer as its family's checkpoints hold it: router, one tensor per expert, the shared expert."""
+    h, inter = arch.hidden_size, arch.moe_intermediate_size
+    mixtral = arch.model_type == "mixtral"
+    moe = f"{pre}block_sparse_moe." if mixtral else f"{pre}mlp."
+    yield f"{moe}gate.weight", (arch.num_experts, h), None
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    for e in range(arch.num_experts):
+        yield f"{moe}experts.{e}.{gate}.weight", (inter, h), "rows"
+        yield f"{moe}experts.{e}.{up}.weight", (inter, h), "rows"
+        yield f"{moe}experts.{e}.{down}.weight", (h, inter), "cols"
+    if arch.shared_expert_intermediate_size:
+        yield from _mlp_layout(f"{moe}shared_expert.", h, arch.shared_expert_intermediate_size)
+        yield f"{moe}shared_expert_gate.weight", (1, h), None
 
 
 _DUMMY_BLOCK = 64  # generated in blocks of rows/columns seeded by their global index, so shards agree

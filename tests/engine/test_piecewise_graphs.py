@@ -11,7 +11,9 @@ from kvpilot.engine.piecewise_graphs import PiecewiseGraphs, bucket_sizes
 from kvpilot.engine.request import Sequence
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3: q/k norms inside the captured segment
+# qwen3: q/k norms inside the captured segment; qwen2_moe: routing, experts and the gated shared expert inside
+# it; mistral_window: the window passed to the attention between segments
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2_moe", "mistral_window"])
 def test_segments_match_the_forward_on_a_mixed_step(tiny_model, family: str) -> None:
     llm = LLM(str(tiny_model(family)), max_num_batched_tokens=64)
     runner = llm.core.runner

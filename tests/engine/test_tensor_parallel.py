@@ -11,7 +11,9 @@ PROMPTS = [[1, 2, 3], list(range(5, 40)), [7] * 20, list(range(100, 190))]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # qkv bias; tied embeddings + q/k norm + head_dim 32
+# qkv bias; tied embeddings + q/k norm + head_dim 32; routed experts split along their units, a gated shared
+# expert and a dense layer (mlp_only_layers) between routed ones
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen2_moe"])
 def test_two_ranks_match_one(tiny_model, family: str) -> None:
     model = str(tiny_model(family))
     single = LLM(model, max_num_batched_tokens=32).generate(PROMPTS, GREEDY)

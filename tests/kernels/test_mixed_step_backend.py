@@ -1,8 +1,9 @@
 """A mixed step through the Triton backend (decode rows to the split-K decode kernel, the chunks after them to
-the extend kernel) attends exactly as the reference backend does."""
+the extend kernel) attends exactly as the reference backend does, with and without a sliding window."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from kvpilot.engine.attention.backend import AttentionMetadata
 from kvpilot.engine.attention.torch_ref import TorchAttentionBackend
@@ -11,7 +12,8 @@ from kvpilot.engine.attention.triton_backend import TritonAttentionBackend
 from .helpers import paged_cache, rel_err
 
 
-def test_decodes_then_chunks_match_the_reference() -> None:
+@pytest.mark.parametrize("window", [None, 24])
+def test_decodes_then_chunks_match_the_reference(window: int | None) -> None:
     gen = torch.Generator().manual_seed(3)
     hq, hkv, d, page = 8, 2, 32, 16
     # (cached tokens, new tokens): three decode rows first, then a prefix-hit chunk and a fresh prefill
@@ -38,9 +40,9 @@ def test_decodes_then_chunks_match_the_reference() -> None:
             prefill_cu_seqlens_q=(cu[num_decodes:] - cu[num_decodes]) if num_decodes else None,
         )  # fmt: skip
 
-    ref = TorchAttentionBackend().forward(q, k, v, k_cache.clone(), v_cache.clone(), meta(0), 0.25)
+    ref = TorchAttentionBackend().forward(q, k, v, k_cache.clone(), v_cache.clone(), meta(0), 0.25, window)
     backend = TritonAttentionBackend()
     backend.split_for = lambda batch: 4  # a pinned split factor, as the captured graphs give it
     for num_decodes in (0, 3):  # one extend launch for everything, or the split
-        out = backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta(num_decodes), 0.25)
+        out = backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta(num_decodes), 0.25, window)
         assert rel_err(out, ref) <= 1e-4, num_decodes

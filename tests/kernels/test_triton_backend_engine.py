@@ -1,5 +1,6 @@
 """The Triton backend inside the real engine (interpreted on CPU): chunked prefill, prefix-cache hits and
-decode give the same greedy tokens as the PyTorch reference backend on a tiny fp32 Llama."""
+decode give the same greedy tokens as the PyTorch reference backend on a tiny fp32 Llama, and on a Mistral
+whose sliding window (20) is shorter than its prompts, so blocks are given back mid-sequence."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from kvpilot.engine import LLM, SamplingParams
 pytestmark = pytest.mark.slow  # the whole engine through Triton's CPU interpreter
 
 
-def test_engine_greedy_tokens_match_reference_backend(tiny_model) -> None:
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "mistral_window"])
+def test_engine_greedy_tokens_match_reference_backend(tiny_model, family: str) -> None:
+    model = tiny_model(family)
     shared = list(range(3, 40))  # 37 tokens: two full blocks reusable from the prefix cache
     prompts = [[*shared, 50, 51], list(range(100, 117)), [*shared, 60], [9]]
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)

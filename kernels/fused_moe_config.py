@@ -1,0 +1,99 @@
+"""Tile configurations of the fused MoE kernels, per model shape, device and token count, kept as vLLM keeps them.
+
+A table is one JSON file per (experts, per-rank intermediate size, device, dtype), named
+`E={E},N={N},device_name={device},dtype={dtype}.json` (the device name as torch reports it, spaces as
+underscores), in `kernels/fused_moe_configs/` or the folder `$KVPILOT_FUSED_MOE_CONFIGS` names. Its keys are
+token counts (as strings); each value holds BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, num_warps
+and num_stages. A batch of M tokens takes the entry whose key is nearest M (vLLM's rule); without a table the
+heuristic below is used. `bench/tune_fused_moe.py` measures and writes tables: it needs the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent / "fused_moe_configs"
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    BLOCK_SIZE_M: int
+    BLOCK_SIZE_N: int
+    BLOCK_SIZE_K: int
+    GROUP_SIZE_M: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
+        if self.GROUP_SIZE_M < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"GROUP_SIZE_M, num_warps and num_stages must be positive: {self}")
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def table_name(num_experts: int, n: int, device_name: str, dtype: torch.dtype) -> str:
+    return f"E={num_experts},N={n},device_name={device_name.replace(' ', '_')},dtype={_DTYPE_NAMES[dtype]}.json"
+
+
+@cache
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def parse_table(raw: dict[str, dict[str, int]]) -> dict[int, MoEConfig]:
+    """A table's JSON as {token count: config}; a malformed entry names its key."""
+    table = {}
+    for key, value in raw.items():
+        try:
+            table[int(key)] = MoEConfig(**value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"fused MoE config entry {key!r}: {exc}") from exc
+    if not table:
+        raise ValueError("a fused MoE config table needs at least one entry")
+    return table
+
+
+@cache
+def load_table(name: str) -> dict[int, MoEConfig] | None:
+    folder = Path(os.environ.get("KVPILOT_FUSED_MOE_CONFIGS") or CONFIG_DIR)
+    path = folder / name
+    if not path.is_file():
+        return None
+    return parse_table(json.loads(path.read_text()))
+
+
+def default_config(num_tokens: int, num_experts: int) -> MoEConfig:
+    """vLLM's untuned default: small tiles while tokens per expert are few, larger ones after."""
+    if num_tokens <= num_experts:
+        return MoEConfig(16, 32, 64, 1, 4, 3)
+    return MoEConfig(64, 64, 32, 8, 4, 3)
+
+
+def pick(table: dict[int, MoEConfig], num_tokens: int) -> MoEConfig:
+    return table[min(table, key=lambda m: abs(m - num_tokens))]
+
+
+def get_config(num_tokens: int, num_experts: int, n: int, dtype: torch.dtype, device: torch.device) -> MoEConfig:
+    table = load_table(table_name(num_experts, n, device_name(device), dtype))
+    return pick(table, num_tokens) if table is not None else default_config(num_tokens, num_experts)
+
+
+def distinct_configs(max_tokens: int, num_experts: int, n: int, dtype: torch.dtype,
+                     device: torch.device) -> dict[MoEConfig, int]:
+    """Each config some batch of 1..max_tokens tokens takes, with the smallest such batch: what warm-up runs."""
+    found: dict[MoEConfig, int] = {}
+    for m in range(1, max_tokens + 1):
+        found.setdefault(get_config(m, num_experts, n, dtype, device), m)
+    return found
