@@ -98,7 +98,9 @@ class ModelRunner:
     def kv_description(self) -> str:
         if self.kv_scale_source is None:
             return str(self.kv_dtype).removeprefix("torch.")
-        return f"fp8 e4m3 with {self.kv_scale_source} per-head scales: 2x the tokens of a 16-bit pool per byte"
+        ratio = torch.finfo(self.dtype).bits // 8
+        return (f"fp8 e4m3 with {self.kv_scale_source} per-head scales: {ratio}x the tokens per byte of a "
+                f"{str(self.dtype).removeprefix('torch.')} pool")
 
     @property
     def block_bytes(self) -> int:

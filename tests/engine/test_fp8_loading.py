@@ -157,3 +157,13 @@ def test_errors_name_the_field(tiny_model, tmp_path: Path) -> None:
     save_file(tensors, tmp_path / "m" / "model.safetensors")
     with pytest.raises(ValueError, match=re.escape("lacks model.layers.1.mlp.up_proj.weight_scale_inv")):
         LLM(str(tmp_path / "m"))
+
+
+def test_fp8_pool_holds_twice_the_tokens_of_a_16_bit_one(tiny_model) -> None:
+    model, budget = str(tiny_model("llama")), 4 * 2**20
+    half = LLM(model, dtype="bfloat16", kv_cache_memory_bytes=budget).core.runner
+    fp8 = LLM(model, dtype="bfloat16", kv_cache_dtype="fp8", kv_cache_memory_bytes=budget).core.runner
+    assert fp8.k_cache.dtype == FP8_DTYPE and fp8.kv_scale_source == "calibrated"
+    assert fp8.num_blocks == 2 * half.num_blocks
+    assert fp8.k_cache.nbytes == half.k_cache.nbytes
+    assert "2x the tokens per byte of a bfloat16 pool" in fp8.kv_description
