@@ -1,4 +1,5 @@
-"""Fresh-random-input checks of every Triton kernel against its PyTorch reference, run before any timing."""
+"""Fresh-random-input checks of every Triton kernel against its PyTorch reference, run before any timing (the FP8
+kernels' cases are fp8_kernel_checks.py's)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from fp8_kernel_checks import fp8_cases
 from kvpilot.kernels.activation import silu_and_mul, silu_and_mul_ref
 from kvpilot.kernels.extend_attention import (
     extend_attention,
@@ -142,7 +144,7 @@ def _cases() -> list[tuple[str, str, torch.dtype, Callable[[], float]]]:
             ("extend_attention", f"{name} block32 mixed prefix+chunk", dt, lambda dt=dt: _extend(dt, 32)),
             ("varlen_causal_attention", f"{name} no cache", dt, lambda dt=dt: _varlen(dt)),
         ]
-    return cases
+    return cases + fp8_cases()
 
 
 def run_checks() -> list[dict[str, Any]]:
