@@ -5,8 +5,8 @@ decode graphs and the piecewise graphs all run, and every sampling path does (gr
 min-p and logprobs, penalties and logit_bias on the synchronous path, a grammar). Without this the first load
 after ready paid for kernel compiles (TTFT p95 2.5 s on an H200). The core is reset afterwards. The same steps
 compile the FP8 kernels when the engine runs them: the e4m3 cache variants of store and attention, and each
-token-count tile band of the Triton FP8 GEMM (<= 16, <= 64, more: decode batches, the 17- and 64-token prompts
-joining decodes, the longer ones).
+token-count tile band of the Triton FP8 GEMM (<= 16 rows: decode batches; <= 64: the 17-token prompt joining
+decodes; more: the longer prompts).
 """
 
 from __future__ import annotations
