@@ -90,10 +90,11 @@ def test_dummy_fp8_weights_have_the_real_shapes(tiny_model, tmp_path: Path) -> N
 def test_two_ranks_shard_weights_and_scales_alike(tiny_model, tmp_path: Path, fmt: str) -> None:
     """Rank 0 holds exactly its slice of TP=1's e4m3 weights and scales; outputs agree. Block scales split on
     group boundaries, so activations quantize identically and logprobs match tightly; per-channel activation
-    scales are per rank's half of K for the row-split projections (as in vLLM), so those only agree closely."""
+    scales are per rank's half of K for the row-split projections (as in vLLM), so those only agree closely.
+    The dynamic case also runs an e4m3 KV cache: each rank calibrates its own heads."""
     src = tiny_model("qwen2")
     if fmt == "dynamic":
-        model, kw = str(src), {"quantization": "fp8"}
+        model, kw = str(src), {"quantization": "fp8", "kv_cache_dtype": "fp8"}
     else:
         write_fp8_checkpoint(src, tmp_path / "m", fmt)
         model, kw = str(tmp_path / "m"), {}
@@ -112,6 +113,11 @@ def test_two_ranks_shard_weights_and_scales_alike(tiny_model, tmp_path: Path, fm
                 g = a.weight_scale.shape[1]
                 s = a.weight_scale if g == 1 else a.weight_scale[:, : g // 2]
             assert torch.equal(b.weight.float(), w) and torch.equal(b.weight_scale, s), name
+        if kw.get("kv_cache_dtype"):  # layer 0's K/V come straight from the embeddings: the same on both
+            attn_one = single.core.runner.model.model.layers[0].self_attn
+            attn_two = sharded.core.runner.model.model.layers[0].self_attn
+            torch.testing.assert_close(attn_two.k_scale, attn_one.k_scale[:1])
+            torch.testing.assert_close(attn_two.v_scale, attn_one.v_scale[:1])
         ref, got = single.generate(PROMPTS, GREEDY), sharded.generate(PROMPTS, GREEDY)
     finally:
         sharded.core.close()
