@@ -31,18 +31,14 @@ def _scales(hkv: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fp8_paged(seq_lens: list[int], page: int) -> tuple[torch.Tensor, ...]:
-    per_seq = [-(-n // page) for n in seq_lens]
-    num_blocks = sum(per_seq) + 5
+    """kernel_checks' random paged caches (8 KV heads, d128) in e4m3, with the per-head scales to read them."""
+    from kernel_checks import _paged  # at call time: kernel_checks imports this module for its case list
+
+    k_cache, v_cache, table = _paged(seq_lens, 8, 128, page, torch.float32)
     scales = _scales(8)
-    k = quantize_heads(torch.randn(num_blocks * page, 8, 128, device=DEVICE), scales[0] / 2)
-    v = quantize_heads(torch.randn(num_blocks * page, 8, 128, device=DEVICE), scales[1] / 2)
-    perm = torch.randperm(num_blocks, device=DEVICE)
-    table = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32, device=DEVICE)
-    used = 0
-    for i, n in enumerate(per_seq):
-        table[i, :n] = perm[used : used + n].to(torch.int32)
-        used += n
-    return k.view(num_blocks, page, 8, 128), v.view(num_blocks, page, 8, 128), table, *scales
+    k = quantize_heads(k_cache.flatten(0, 1), scales[0] / 2).view(k_cache.shape)
+    v = quantize_heads(v_cache.flatten(0, 1), scales[1] / 2).view(v_cache.shape)
+    return k, v, table, *scales
 
 
 def _store(dtype: torch.dtype) -> float:
