@@ -112,11 +112,17 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> Accuracy:
     )
 
 
-def measure(reference: LLM, candidate: LLM, prompt_ids: list[list[int]], tokens: int = 32) -> Accuracy:
-    """The reference's greedy continuations of `prompt_ids`, teacher-forced through both engines."""
+def reference_logits(reference: LLM, prompt_ids: list[list[int]], tokens: int = 32
+                     ) -> tuple[list[list[int]], torch.Tensor]:
+    """The reference's greedy continuations of `prompt_ids`, and its teacher-forced logits over them."""
     from kvpilot.engine.config import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     continuations = [o.outputs[0].token_ids for o in reference.generate(prompt_ids, greedy)]
-    return compare(teacher_forced_logits(reference.core, prompt_ids, continuations),
-                   teacher_forced_logits(candidate.core, prompt_ids, continuations))
+    return continuations, teacher_forced_logits(reference.core, prompt_ids, continuations)
+
+
+def measure(reference: LLM, candidate: LLM, prompt_ids: list[list[int]], tokens: int = 32) -> Accuracy:
+    """The reference's greedy continuations of `prompt_ids`, teacher-forced through both engines."""
+    continuations, logits = reference_logits(reference, prompt_ids, tokens)
+    return compare(logits, teacher_forced_logits(candidate.core, prompt_ids, continuations))
