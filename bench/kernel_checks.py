@@ -1,4 +1,5 @@
-"""Fresh-random-input checks of every Triton kernel against its PyTorch reference, run before any timing."""
+"""Fresh-random-input checks of every Triton kernel against its PyTorch reference, run before any timing (the FP8
+kernels' cases are fp8_kernel_checks.py's)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from fp8_kernel_checks import fp8_cases
 from kvpilot.kernels.activation import silu_and_mul, silu_and_mul_ref
 from kvpilot.kernels.extend_attention import (
     extend_attention,
@@ -161,7 +163,7 @@ def _cases() -> list[tuple[str, str, torch.dtype, Callable[[], float]]]:
                           lambda dt=dt, t=tokens: _moe(dt, t, 128, 8, 768, 2048)))  # fmt: skip
         cases.append(("fused_moe", f"{name} E8 top2 I1792 H4096 T200", dt,
                       lambda dt=dt: _moe(dt, 200, 8, 2, 1792, 4096)))  # fmt: skip
-    return cases
+    return cases + fp8_cases()
 
 
 def run_checks() -> list[dict[str, Any]]:

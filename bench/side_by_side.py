@@ -6,6 +6,9 @@ serving (cold start, first load after ready, a Poisson rate sweep, the highest r
     python -m bench.side_by_side offline --engine kvpilot|vllm --shape qwen3-30b-a3b --workloads decode,random \
         --decode-batches 1,64      (issue 15's MoE targets; mixtral-8x7b likewise)
 
+`--quantization fp8` and `--kv-cache-dtype fp8` (vLLM's names; both engines take them) run either engine in FP8
+(issue 14); `--workloads decode_long` times batch-64 decode at an 8K context, where the FP8 KV cache matters.
+
 vLLM is imported only when asked for (`--engine vllm`, with vLLM importable); kvpilot never depends on it.
 Prompts are token ids (dummy weights, no tokenizer), outputs ignore EOS; random ids lie below the shape's
 vocabulary (100,000 for the Llama shapes, 32,000 for Mixtral's). Each run writes one JSON under
@@ -104,13 +107,27 @@ def vocab_size(shape: str) -> int:
 
 
 # ---- engines ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Precision:
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"quantization": self.quantization, "kv_cache_dtype": self.kv_cache_dtype}
+
+    def flags(self) -> list[str]:
+        return [*(["--quantization", self.quantization] if self.quantization else []),
+                "--kv-cache-dtype", self.kv_cache_dtype]
+
+
 class KvpilotOffline:
     name = "kvpilot"
 
-    def __init__(self, shape: str, max_model_len: int) -> None:
+    def __init__(self, shape: str, max_model_len: int, precision: Precision) -> None:
         from kvpilot.engine import LLM
 
-        self.llm = LLM(str(shape_dir(shape)), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len)
+        self.llm = LLM(str(shape_dir(shape)), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
+                       **precision.kwargs())
 
     def generate(self, prompts: list[list[int]], specs: list[Spec]) -> int:
         from kvpilot.engine import SamplingParams
@@ -126,11 +143,11 @@ class KvpilotOffline:
 class VllmOffline:
     name = "vllm"
 
-    def __init__(self, shape: str, max_model_len: int) -> None:
+    def __init__(self, shape: str, max_model_len: int, precision: Precision) -> None:
         from vllm import LLM
 
         self.llm = LLM(model=str(shape_dir(shape)), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
-                       skip_tokenizer_init=True, gpu_memory_utilization=0.9)
+                       skip_tokenizer_init=True, gpu_memory_utilization=0.9, **precision.kwargs())
 
     def generate(self, prompts: list[list[int]], specs: list[Spec]) -> int:
         from vllm import SamplingParams
@@ -160,10 +177,11 @@ def _timed(engine: Any, prompts: list[list[int]], specs: list[Spec]) -> tuple[fl
     return time.perf_counter() - start, out_tokens
 
 
-def decode_ms(engine: Any, batch: int, vocab: int) -> float:
-    """(time at max_tokens 256 - time at 32) / 224 after a 128-token prompt, best of 2: prefill and start-up cancel."""
+def decode_ms(engine: Any, batch: int, vocab: int, prompt_len: int = 128) -> float:
+    """(time at max_tokens 256 - time at 32) / 224 after a prompt_len prompt, best of 2: prefill and start-up
+    cancel."""
     rng, ids = random.Random(batch), _id_bounds(vocab)
-    prompts = [[rng.randrange(*ids) for _ in range(128)] for _ in range(batch)]
+    prompts = [[rng.randrange(*ids) for _ in range(prompt_len)] for _ in range(batch)]
     best = float("inf")
     for _ in range(2):
         short, _ = _timed(engine, prompts, [Spec(32, 0.0)] * batch)
@@ -174,16 +192,21 @@ def decode_ms(engine: Any, batch: int, vocab: int) -> float:
 
 def run_offline(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
-    engine = (KvpilotOffline if args.engine == "kvpilot" else VllmOffline)(args.shape, args.max_model_len)
+    precision = Precision(args.quantization, args.kv_cache_dtype)
+    engine = (KvpilotOffline if args.engine == "kvpilot" else VllmOffline)(args.shape, args.max_model_len, precision)
     init_s = round(time.perf_counter() - start, 1)
-    result: dict[str, Any] = {"engine": args.engine, "shape": args.shape, "init_s": init_s, "knobs": engine.knobs(),
-                              "workloads": {}}
+    result: dict[str, Any] = {"engine": args.engine, "shape": args.shape, "precision": precision.kwargs(),
+                              "init_s": init_s, "knobs": engine.knobs(), "workloads": {}}
     engine.generate([[5, 6, 7] * 40], [Spec(8, 0.0)])  # one warm request, as both engines' servers do
     vocab = vocab_size(args.shape)
     for name in args.workloads.split(","):
         if name == "decode":
             batches = [int(b) for b in args.decode_batches.split(",")]
             result["workloads"]["decode"] = {f"b{b}_ms": round(decode_ms(engine, b, vocab), 3) for b in batches}
+        elif name == "decode_long":  # 8K context: the prompt leaves room for the 256 tokens decoded
+            context = min(8192, args.max_model_len) - 256
+            result["workloads"]["decode_long"] = {"context": context,
+                                                  "b64_ms": round(decode_ms(engine, 64, vocab, context), 3)}
         else:
             prompts, specs = WORKLOADS[name](vocab)
             elapsed, out_tokens = _timed(engine, prompts, specs)
@@ -195,10 +218,11 @@ def run_offline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- serving ------------------------------------------------------------------------------------------------
-def _server_cmd(engine: str, shape: str, port: int, max_model_len: int) -> tuple[list[str], dict[str, str]]:
+def _server_cmd(engine: str, shape: str, port: int, max_model_len: int, precision: Precision
+                ) -> tuple[list[str], dict[str, str]]:
     model = str(shape_dir(shape))
     common = ["--model", model, "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len",
-              str(max_model_len), "--port", str(port), "--host", "127.0.0.1"]
+              str(max_model_len), "--port", str(port), "--host", "127.0.0.1", *precision.flags()]
     if engine == "kvpilot":
         return [sys.executable, "-m", "kvpilot", "serve", *common, "--uvicorn-log-level", "warning"], dict(os.environ)
     # vLLM's packages live apart from kvpilot's (they pin other fastapi/pydantic): only its server sees them.
@@ -254,7 +278,8 @@ def _figures(recs: list[Any], res: Any | None = None) -> dict[str, Any]:
 def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     port = 8100 if args.engine == "vllm" else 8000
     url = f"http://127.0.0.1:{port}"
-    cmd, env = _server_cmd(args.engine, args.shape, port, args.max_model_len)
+    cmd, env = _server_cmd(args.engine, args.shape, port, args.max_model_len,
+                           Precision(args.quantization, args.kv_cache_dtype))
     log = open(Path(args.log_dir) / f"serve-{args.engine}.log", "wb")  # noqa: SIM115 - lives as long as the server
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -298,7 +323,10 @@ def main() -> None:
                         "at most 128000)")
     parser.add_argument("--input-len", type=int, nargs=2, default=(512, 1024), help="serving: prompt length range")
     parser.add_argument("--output-len", type=int, nargs=2, default=(128, 256), help="serving: output length range")
-    parser.add_argument("--workloads", default="decode,nano,random,prefix,mixed")
+    parser.add_argument("--quantization", choices=["fp8"], default=None, help="FP8 weights (vLLM's flag)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="FP8 KV cache (vLLM's)")
+    parser.add_argument("--workloads", default="decode,nano,random,prefix,mixed",
+                        help="of decode, decode_long, nano, random, prefix, mixed")
     parser.add_argument("--decode-batches", default="1,128", help="offline decode: batch sizes timed")
     parser.add_argument("--rates", default="8,16,24,32,48,64")
     parser.add_argument("--num-prompts", type=int, default=240)
@@ -309,7 +337,9 @@ def main() -> None:
     args = parser.parse_args()
     args.vocab_size = args.vocab_size or min(128_000, vocab_size(args.shape))
     body = run_offline(args) if args.mode == "offline" else run_serve(args)
-    name = args.name or f"side-by-side-{args.mode}-{args.engine}"
+    suffix = "".join(f"-{tag}" for tag, on in (("fp8", args.quantization), ("fp8kv", args.kv_cache_dtype != "auto"))
+                     if on)
+    name = args.name or f"side-by-side-{args.mode}-{args.engine}{suffix}"
     write_result(name, {**provenance(), **body})
 
 

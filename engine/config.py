@@ -30,6 +30,21 @@ class EngineConfig(BaseModel):
     load_format: Literal["auto", "safetensors", "dummy"] = Field(
         default="auto", description="dummy: random weights in the checkpoint's shapes (benchmarks)"
     )
+    quantization: Literal["fp8"] | None = Field(
+        default=None,
+        description="fp8: e4m3 linear-layer weights, from an FP8 checkpoint or quantized at load (per-channel "
+        "scales), with per-token activation scales; unset: as the checkpoint's quantization_config says",
+    )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        default="auto",
+        description="auto: the model's dtype; fp8 (e4m3): per-head scales from the checkpoint or calibrated at "
+        "start-up, twice the tokens of a 16-bit pool in the same memory",
+    )
+    fp8_gemm_backend: Literal["auto", "scaled_mm", "triton", "reference"] = Field(
+        default="auto",
+        description="FP8 matmuls. auto: torch._scaled_mm on CUDA (Triton for block scales), reference "
+        "(dequantize, float matmul) on CPU",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when one is visible")
     seed: int = Field(default=0, description="seed of the random weights and of unseeded sampling")
 

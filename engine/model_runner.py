@@ -1,7 +1,8 @@
 """Turns a scheduled step into tensors, runs the model, and returns logits for the rows to sample.
 
 It also owns the device-side state: the model, the KV cache tensors and the attention backend,
-and sizes the KV pool (on CUDA from measured memory, on CPU from an explicit budget).
+and sizes the KV pool (on CUDA from measured memory, on CPU from an explicit budget). An e4m3 pool
+(kv_cache_dtype fp8) gets its per-head scales from the checkpoint or a calibration pass before it is sized.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from kvpilot.engine.models.llama import CausalLM
 from kvpilot.engine.models.moe import warm_up_experts
 from kvpilot.engine.parallel import SINGLE, TPGroup
 from kvpilot.engine.piecewise_graphs import PiecewiseGraphs
+from kvpilot.engine.quant.kv_scales import assign_checkpoint_scales, calibrate, kv_cache_dtype
 from kvpilot.engine.request import Sequence
 from kvpilot.engine.sampler import PromptLogprobBatch, score_prompt
+from kvpilot.kernels.fp8_math import is_fp8
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 256 * 1024**2
+# The K/V calibration pass of an e4m3 pool without checkpoint scales: this many seeded random sequences.
+CALIBRATION_SEQS, CALIBRATION_LEN = 4, 256
 # Steps up to this many tokens replay piecewise graphs; beyond it the GPU, not kernel launches, is the limit.
 MAX_PIECEWISE_TOKENS = 2048
 
@@ -57,11 +62,15 @@ class ModelRunner:
         self.backend = select_backend(config.attention_backend, self.device)
         self.buffers = HostBuffers(self.device)
         model.set_attention_backend(self.backend)
+        self.kv_dtype = kv_cache_dtype(config, self.dtype)
+        self.kv_scale_source = self._prepare_kv_scales() if is_fp8(self.kv_dtype) else None
+        if self.kv_scale_source is None and model.checkpoint_kv_scales:
+            log.info("the checkpoint's K/V cache scales are unused: kv_cache_dtype is %r", config.kv_cache_dtype)
         self.num_blocks = tp.min_int(self._size_kv_pool(), self.device)
         kv_heads = arch.num_kv_heads // tp.size
         shape = (arch.num_layers, self.num_blocks, self.block_size, kv_heads, arch.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(arch.num_layers)]
         if self.device.type == "cuda":  # eager steps above the piecewise buckets pick MoE tiles by token count
             warmed = warm_up_experts(model, config.max_num_batched_tokens)
@@ -78,21 +87,48 @@ class ModelRunner:
             self.piecewise = PiecewiseGraphs(model, min(config.max_num_batched_tokens, MAX_PIECEWISE_TOKENS))
             self.piecewise.capture()
         log.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s backend); max concurrency at "
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s, %s backend); max concurrency at "
             "max_model_len %d: %.2f",
             self.num_blocks,
             self.block_size,
             self.num_blocks * self.block_size,
             2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
+            self.kv_description,
             self.backend.name,
             max_model_len,
             self.num_blocks * self.block_size / max_model_len,
         )
 
     @property
+    def kv_description(self) -> str:
+        if self.kv_scale_source is None:
+            return str(self.kv_dtype).removeprefix("torch.")
+        ratio = torch.finfo(self.dtype).bits // 8
+        return (f"fp8 e4m3 with {self.kv_scale_source} per-head scales: {ratio}x the tokens per byte of a "
+                f"{str(self.dtype).removeprefix('torch.')} pool")
+
+    @property
     def block_bytes(self) -> int:
         per_rank = self.arch.kv_bytes_per_token // self.tp.size
-        return per_rank * self.block_size * torch.finfo(self.dtype).bits // 8
+        return per_rank * self.block_size * torch.finfo(self.kv_dtype).bits // 8
+
+    def _prepare_kv_scales(self) -> str:
+        """Per-head K/V scales for an e4m3 pool: the checkpoint's, else calibrated; returns which."""
+        if self.model.checkpoint_kv_scales:
+            assign_checkpoint_scales(self.model, self.model.checkpoint_kv_scales, self.tp)
+            return "checkpoint"
+        calibrate(self.model, self.backend, self._calibration_forward)
+        return "calibrated"
+
+    @torch.inference_mode()
+    def _calibration_forward(self) -> None:
+        """A cache-less forward over seeded random tokens (the same on every tensor-parallel rank)."""
+        lengths = [min(self.max_model_len, CALIBRATION_LEN)] * CALIBRATION_SEQS
+        gen = torch.Generator().manual_seed(self.config.seed)
+        ids = torch.randint(0, self.arch.vocab_size, (sum(lengths),), generator=gen).to(self.device)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+        meta = self._metadata(lengths, lengths, [], np.zeros(0, dtype=np.int64))
+        self.model(ids, positions, [None] * self.arch.num_layers, meta)
 
     def _size_kv_pool(self) -> int:
         if self.config.num_kv_blocks is not None:

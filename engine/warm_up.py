@@ -6,7 +6,9 @@ min-p and logprobs, penalties and logit_bias on the synchronous path, a grammar)
 after ready paid for kernel compiles (TTFT p95 2.5 s on an H200). The core is reset afterwards.
 A mixture of experts' block runs in every one of these steps; the tile configs its kernels take at other token
 counts were compiled when the runner was built (models/moe.py's warm_up_experts), and a sliding window's kernel
-variants are the ones every step of a windowed model launches.
+variants are the ones every step of a windowed model launches. The same steps compile the FP8 kernels when the
+engine runs them: the e4m3 cache variants of store and attention, and each token-count tile band of the Triton
+FP8 GEMM (<= 16 rows: decode batches; <= 64: the 17-token prompt joining decodes; more: the longer prompts).
 """
 
 from __future__ import annotations

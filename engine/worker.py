@@ -22,6 +22,9 @@ from kvpilot.engine.model_runner import ModelRunner, StepInputs
 from kvpilot.engine.models.arch import ModelArch
 from kvpilot.engine.models.loader import load_model
 from kvpilot.engine.parallel import TPGroup, destroy_process_group, init_process_group
+from kvpilot.engine.quant.fp8_linear import resolve_gemm
+from kvpilot.engine.quant.fp8_scheme import read_fp8_scheme
+from kvpilot.engine.quant.kv_scales import check_fp8_device, fp8_fields
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ def resolve_dtype(config: EngineConfig, arch: ModelArch, device: torch.device) -
 
 def build_runner(config: EngineConfig, model_dir: Path, arch: ModelArch, tp: TPGroup) -> ModelRunner:
     device = resolve_device(config, tp.rank)
+    fp8 = read_fp8_scheme(config.quantization, model_dir, arch)
+    check_fp8_device(fp8_fields(config, fp8 is not None), device)
+    gemm = "reference" if fp8 is None else resolve_gemm(config.fp8_gemm_backend, device, fp8.group is not None)
     torch.manual_seed(config.seed)
     model = load_model(
         model_dir,
@@ -61,6 +67,8 @@ def build_runner(config: EngineConfig, model_dir: Path, arch: ModelArch, tp: TPG
         max_positions=config.max_model_len or arch.max_position_embeddings,
         seed=config.seed,
         tp=tp,
+        fp8=fp8,
+        fp8_gemm=gemm,
     )
     return ModelRunner(config, model, arch, tp)
 

@@ -33,16 +33,36 @@ def check_last_contiguous(name: str, t: torch.Tensor, dims: int = 1) -> None:
         expected *= t.shape[d]
 
 
+def check_kv_scales(cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """An e4m3 cache [num_blocks, block_size, Hkv, D] needs (k_scale, v_scale), each float32 [Hkv]."""
+    if cache.dtype != torch.float8_e4m3fn:
+        return
+    hkv = cache.shape[2]
+    if scales is None or any(
+        s.shape != (hkv,) or s.dtype != torch.float32 or s.device != cache.device or not s.is_contiguous()
+        for s in scales
+    ):
+        got = None if scales is None else [(s.dtype, tuple(s.shape)) for s in scales]
+        raise ValueError(f"an e4m3 KV cache needs k and v scales, float32 [{hkv}] on its device, got {got}")
+
+
 def check_paged_inputs(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Shared by the decode and extend launchers: the layout contract of engine/attention/backend.py."""
+    """Shared by the decode and extend launchers: the layout contract of engine/attention/backend.py.
+
+    The caches hold q's dtype, or e4m3 with per-head scales."""
     check_dtype("q", q)
-    check_same("q, k_cache, v_cache", q, k_cache, v_cache)
+    check_same("k_cache, v_cache", k_cache, v_cache)
+    if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn) or k_cache.device != q.device:
+        raise ValueError(f"caches must hold q's dtype ({q.dtype}) or float8_e4m3fn on q's device, "
+                         f"got {k_cache.dtype} on {k_cache.device}")
+    check_kv_scales(k_cache, kv_scales)
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"q must be [T, Hq, D] and caches [num_blocks, block_size, Hkv, D], "
@@ -85,3 +105,22 @@ def mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     else:
         out = tl.dot(a, b, input_precision=PRECISION)
     return out
+
+
+# Triton's CPU interpreter converts float32 to e4m3 without carrying a round-up into the exponent (seen with
+# triton 3.9: 124.3 became 64, not 128), so under TRITON_INTERPRET=1 values are first rounded onto the e4m3
+# grid in float32 arithmetic, after which the conversion is exact; compiled kernels convert in hardware.
+EMULATE_FP8_ROUNDING = UPCAST_BF16_DOT
+
+
+@triton.jit
+def to_fp8(x, FP8_MAX: tl.constexpr, EMULATE: tl.constexpr):
+    """float32 -> e4m3, clamped to +-FP8_MAX, rounded to nearest even."""
+    x = tl.clamp(x, -FP8_MAX, FP8_MAX)
+    if EMULATE:
+        # the e4m3 spacing at x's binade (3 mantissa bits; subnormals below 2^-6 share 2^-9), then round to
+        # nearest even by adding and subtracting 1.5 * 2^23
+        exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        x = ((x / step + 12582912.0) - 12582912.0) * step
+    return x.to(tl.float8e4nv)

@@ -6,7 +6,8 @@ hits are one kernel. Flash-attention style: K/V tiles stream through an online s
 below the causal diagonal skip the mask. With a sliding window of w a query at p sees keys p - w + 1 .. p:
 a tile of queries starts at the first key its first query sees, tiles inside every query's window skip the
 mask, and blocks before the window are never read. With no cache (the engine's profiling pass) K/V come from
-the step's own flat tensors and each sequence sees only its own new tokens.
+the step's own flat tensors and each sequence sees only its own new tokens. An e4m3 cache is converted in
+registers, its per-head scales folded into the softmax scale (K) and the output (V).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 from kvpilot.kernels._common import check_dtype, check_paged_inputs, check_same, dot_upcast, mma
+from kvpilot.kernels.fp8_math import is_fp8
+from kvpilot.kernels.paged_decode_attention import read_kv
 from triton.runtime.errors import OutOfResources
 
 _LOG2E = 1.4426950408889634
@@ -39,7 +42,7 @@ def _attend_tile(
     q, acc, m_i, l_i, k_base, v_base, bt_row, row0, n0, first, end, q_pos, qk_scale, window,
     stride_k0, stride_k1, stride_v0, stride_v1,
     offs_d, MASKED: tl.constexpr, SLIDING: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end
@@ -51,6 +54,8 @@ def _attend_tile(
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
     else:
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :])
+    if FP8:
+        k = k.to(q.dtype)
     s = mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
@@ -68,6 +73,8 @@ def _attend_tile(
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
     else:
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :])
+    if FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION, UPCAST)
     return acc, m_new, l_i
 
@@ -75,13 +82,14 @@ def _attend_tile(
 # The block-table width changes with every batch: specialising on it would compile variants under load.
 @triton.jit(do_not_specialize=["stride_bt", "window"])
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, seq_lens_ptr, block_tables_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, seq_lens_ptr, block_tables_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, window,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -114,6 +122,8 @@ def _extend_kernel(
     )
     q_pos = prefix + offs_m
     kvh = h // GROUP
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kvh)
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
@@ -126,21 +136,23 @@ def _extend_kernel(
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_base, v_base, bt_row, q_start, n0, first, end, q_pos, qk_scale, window,
                 stride_k0, stride_k1, stride_v0, stride_v1, offs_d, True, SLIDING, PAGED, PAGE, BLOCK_N, PRECISION,
-                UPCAST,
+                UPCAST, FP8,
             )  # fmt: skip
     for n0 in range(full_start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_base, v_base, bt_row, q_start, n0, first, end, q_pos, qk_scale, window,
             stride_k0, stride_k1, stride_v0, stride_v1, offs_d, False, SLIDING, PAGED, PAGE, BLOCK_N, PRECISION,
-            UPCAST,
+            UPCAST, FP8,
         )  # fmt: skip
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_base, v_base, bt_row, q_start, n0, first, end, q_pos, qk_scale, window,
             stride_k0, stride_k1, stride_v0, stride_v1, offs_d, True, SLIDING, PAGED, PAGE, BLOCK_N, PRECISION,
-            UPCAST,
+            UPCAST, FP8,
         )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if FP8:
+        out = out * tl.load(v_scale_ptr + kvh)
     o_ptr = out_ptr + q_rows[:, None] * stride_o_t + h * stride_o_h + offs_d[None, :]
     tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
@@ -159,10 +171,13 @@ def extend_attention(
     num_warps: int = 8,
     num_stages: int = 3,
     window: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] flat over sequences -> [T, Hq, D], each query attending over its paged context causally
-    (within the last `window` positions when given)."""
-    check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    (within the last `window` positions when given).
+
+    An e4m3 cache needs kv_scales (k_scale, v_scale), each [Hkv] float32."""
+    check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, kv_scales)
     _check_cu(cu_seqlens_q, block_tables.shape[0])
     page = k_cache.shape[1]
     return _launch(
@@ -170,6 +185,7 @@ def extend_attention(
         (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
         (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
         page, True, block_m, block_n, num_warps, num_stages, window,
+        kv_scales if is_fp8(k_cache.dtype) else None,
     )  # fmt: skip
 
 
@@ -231,6 +247,7 @@ def _launch(
     num_warps: int,
     num_stages: int,
     window: int | None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     batch = cu_seqlens_q.shape[0] - 1
@@ -239,13 +256,14 @@ def _launch(
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[2] if paged else k.shape[1]
     grid = (hq, batch, triton.cdiv(max_query_len, block_m))
-    fit_key = (q.device, q.dtype, d, block_m, num_warps, num_stages)
+    k_scale, v_scale = kv_scales if kv_scales is not None else (seq_lens, seq_lens)
+    fit_key = (q.device, q.dtype, d, block_m, num_warps, num_stages, kv_scales is not None)
     auto = block_n is None
     tile_n = _FITTED_BLOCK_N.get(fit_key, _DEFAULT_BLOCK_N) if block_n is None else block_n
     while True:
         try:
             _extend_kernel[grid](
-                q, k, v, out, cu_seqlens_q, seq_lens, block_tables,
+                q, k, v, out, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale,
                 scale * _LOG2E, window or 0,
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                 *k_strides, *v_strides,
@@ -253,7 +271,7 @@ def _launch(
                 GROUP=hq // hkv, HEAD_DIM=d, PAGED=paged, PAGE=page, SLIDING=bool(window),
                 BLOCK_M=block_m, BLOCK_N=tile_n,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=dot_upcast(q.dtype),
-                num_warps=num_warps, num_stages=num_stages,
+                FP8=kv_scales is not None, num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
             return out
         except OutOfResources:
@@ -288,6 +306,7 @@ def extend_attention_ref(
     max_query_len: int,
     scale: float,
     window: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     page = k_cache.shape[1]
     out = torch.empty_like(q)
@@ -295,7 +314,7 @@ def extend_attention_ref(
     for i, ctx in enumerate(seq_lens.tolist()):
         pos = torch.arange(ctx, device=q.device)
         slots = block_tables[i, pos // page].long() * page + pos % page
-        k, v = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
+        k, v = read_kv(k_cache, v_cache, slots, kv_scales)
         out[cu[i] : cu[i + 1]] = _causal_ref(q[cu[i] : cu[i + 1]], k, v, scale, window).to(q.dtype)
     return out
 

@@ -4,7 +4,9 @@ One program handles every query head that shares a KV head (so each K/V row is r
 contiguous split of the context; a second kernel merges the splits by their log-sum-exp. Splitting the
 context keeps the GPU full when batch x KV heads alone is too few programs for long contexts. With a sliding
 window of w the context is the last w keys only: the splits divide that span, and no block before it is read
-(the KV manager may have given those back).
+(the KV manager may have given those back). An e4m3 cache is read as e4m3 (half the bytes) and converted in
+registers; its per-head scales fold into the softmax scale (K) and the output (V), so dequantizing costs no
+extra multiply per element.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from kvpilot.kernels._common import check_paged_inputs, dot_upcast, mma
+from kvpilot.kernels._common import check_kv_scales, check_paged_inputs, dot_upcast, mma
+from kvpilot.kernels.fp8_math import dequantize_heads, is_fp8
 
 _LOG2E = 1.4426950408889634
 
@@ -31,6 +34,8 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     stride_q_t,
     stride_q_h,
@@ -53,10 +58,13 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kvh)
     seq_len = tl.load(seq_lens_ptr + b)
     lo = 0
     if SLIDING:
@@ -96,6 +104,9 @@ def _decode_split_kernel(
             mask=n_mask[:, None],
             other=0.0,
         )
+        if FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -107,6 +118,8 @@ def _decode_split_kernel(
 
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if FP8:
+        out = out * tl.load(v_scale_ptr + kvh)
     if NUM_SPLITS == 1:
         o_ptr = out_ptr + b.to(tl.int64) * stride_o_t + heads[:, None] * stride_o_h + offs_d[None, :]
         tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
@@ -172,14 +185,16 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     window: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D] (sequence i's one query is row i) -> [B, Hq, D]; sequence i sees seq_lens[i] cached keys,
     or only the last `window` of them.
 
     num_splits fixes the split-K factor (keep it fixed under CUDA graphs); by default it follows the batch and
-    max_seq_len (a host int: pass it to avoid reading the block-table width as the bound).
+    max_seq_len (a host int: pass it to avoid reading the block-table width as the bound). An e4m3 cache needs
+    kv_scales (k_scale, v_scale), each [Hkv] float32.
     """
-    check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, kv_scales)
     batch, hq, d = q.shape
     if batch != block_tables.shape[0]:
         raise ValueError(
@@ -199,8 +214,10 @@ def paged_decode_attention(
         part_lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out
+    fp8 = is_fp8(k_cache.dtype)
+    k_scale, v_scale = kv_scales if fp8 and kv_scales is not None else (seq_lens, seq_lens)
     _decode_split_kernel[(batch, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, k_scale, v_scale,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -208,7 +225,7 @@ def paged_decode_attention(
         block_tables.stride(0), window or 0,
         NUM_SPLITS=num_splits, SLIDING=bool(window), GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, PAGE=page, BLOCK_N=block_n,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=dot_upcast(q.dtype),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=dot_upcast(q.dtype), FP8=fp8,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
@@ -227,6 +244,7 @@ def paged_decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     window: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // hkv
@@ -234,8 +252,22 @@ def paged_decode_attention_ref(
     for i, n in enumerate(seq_lens.tolist()):
         pos = torch.arange(max(0, n - window) if window else 0, n, device=q.device)
         slots = block_tables[i, pos // page].long() * page + pos % page
-        k = k_cache.flatten(0, 1)[slots].float().repeat_interleave(group, dim=1)  # [n, Hq, D]
-        v = v_cache.flatten(0, 1)[slots].float().repeat_interleave(group, dim=1)
+        k, v = read_kv(k_cache, v_cache, slots, kv_scales)
+        k = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(group, dim=1)
         probs = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), k) * scale, dim=-1)
         out[i] = torch.einsum("hn,nhd->hd", probs, v).to(q.dtype)
     return out
+
+
+def read_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The references' read of K/V rows [n, Hkv, D] at flat slots, in float32, dequantized when e4m3."""
+    k, v = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
+    if not is_fp8(k_cache.dtype):
+        return k.float(), v.float()
+    check_kv_scales(k_cache, kv_scales)
+    assert kv_scales is not None
+    return dequantize_heads(k, kv_scales[0], torch.float32), dequantize_heads(v, kv_scales[1], torch.float32)

@@ -156,6 +156,11 @@ class TuningSpec(CRDModel):
     max_trials: int = Field(default=20, ge=1, le=500)
     trial_duration_seconds: int = Field(default=120, ge=10)
     search_space: SearchSpaceSpec = Field(default_factory=SearchSpaceSpec)
+    allow_quantization: bool = Field(
+        default=False,
+        description="Let the study also search quantization (fp8 weights) and kvCacheDtype (fp8 KV cache): "
+        "they trade accuracy for speed, so they are searched only when allowed; status shows the precision chosen.",
+    )
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     retune_below_attainment: float | None = Field(
         default=None, gt=0, le=1, description="Re-tune when live SLO attainment drops below this share."

@@ -74,6 +74,9 @@ class TrialSummary(CRDModel):
     number: int
     revision: str | None = None
     config: EngineConfigStatus
+    precision: str | None = Field(
+        default=None, description="weights and KV cache precision, e.g. `fp8 weights, fp8 KV cache` "
+        "(`checkpoint weights`: as the checkpoint stores them)")
     feasible: bool
     goodput_tokens_per_second: float | None = None
     ttft_p95_ms: float | None = None

@@ -34,7 +34,7 @@ def study_basis(spec: InferenceServiceSpec) -> str:
     """What the study's results are about: everything but the searched knobs and how tuning is paced."""
     doc = spec.model_dump(mode="json", exclude={"replicas", "rollout", "monitoring"})
     doc["engine"] = {k: v for k, v in doc["engine"].items() if k not in _searched(spec)}
-    doc["tuning"] = {k: doc["tuning"][k] for k in ("search_space", "workload")}
+    doc["tuning"] = {k: doc["tuning"][k] for k in ("search_space", "allow_quantization", "workload")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -87,9 +87,11 @@ def _per_replica(service_floor: float | None, replicas: int) -> float | None:
 
 
 def space_from_spec(spec: InferenceServiceSpec) -> SearchSpace:
-    """Issue 6's GPU space for the replica's GPUs, narrowed by spec.tuning.searchSpace."""
+    """Issue 6's GPU space for the replica's GPUs, narrowed by spec.tuning.searchSpace; precision knobs only
+    with spec.tuning.allowQuantization."""
     overrides = spec.tuning.search_space.model_dump(exclude_none=True)
-    return gpu_space(max(1, spec.resources.gpus_per_replica)).with_overrides(overrides)
+    space = gpu_space(max(1, spec.resources.gpus_per_replica), allow_quantization=spec.tuning.allow_quantization)
+    return space.with_overrides(overrides)
 
 
 def tuning_status(state: ClusterState, engine: dict[str, Any], study_config_map: str) -> TuningStatus:
@@ -99,8 +101,9 @@ def tuning_status(state: ClusterState, engine: dict[str, Any], study_config_map:
     best = study.best()
 
     def summary(number: int, params: Params, result: TrialOutcome | None, revision: str | None) -> dict[str, Any]:
+        config = {**engine, **_camel(params)}
         return {
-            "number": number, "revision": revision, "config": {**engine, **_camel(params)},
+            "number": number, "revision": revision, "config": config, "precision": precision(config),
             "feasible": result is None or result.status != "infeasible",
             "goodputTokensPerSecond": None if result is None else round(result.goodput_tokens_per_s, 2),
             "ttftP95Ms": None if result is None or result.ttft_p95_s is None else round(result.ttft_p95_s * 1000, 2),
@@ -119,5 +122,12 @@ def tuning_status(state: ClusterState, engine: dict[str, Any], study_config_map:
     })
 
 
-def _camel(params: Params) -> dict[str, float | int]:
+def precision(config: dict[str, Any]) -> str:
+    """What a trial's engine computes in, from its camelCase config: `fp8 weights, fp8 KV cache`."""
+    weights = config.get("quantization") or "checkpoint"
+    kv = config.get("kvCacheDtype") or "auto"
+    return f"{weights} weights, {'model-dtype' if kv == 'auto' else kv} KV cache"
+
+
+def _camel(params: Params) -> dict[str, Any]:
     return {"".join(w if i == 0 else w.capitalize() for i, w in enumerate(k.split("_"))): v for k, v in params.items()}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,9 +48,11 @@ def test_every_python_folder_is_packaged() -> None:
             assert name in declared, f"{init.parent} is not listed in pyproject's packages"
 
 
-def test_generate_command_on_the_demo_model() -> None:
+@pytest.mark.parametrize("precision", [[], ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]])
+def test_generate_command_on_the_demo_model(precision: list[str]) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "kvpilot", "generate", "--model", "demo", "Hello", "--max-tokens", "5", "--json"],
+        [sys.executable, "-m", "kvpilot", "generate", "--model", "demo", "Hello", "--max-tokens", "5", "--json",
+         *precision],
         capture_output=True,
         text=True,
         timeout=300,
@@ -56,6 +60,8 @@ def test_generate_command_on_the_demo_model() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert '"finish_reason": "length"' in out.stdout
+    if precision:  # the CPU reference path: FP8 weights and an e4m3 KV cache, said in the log
+        assert "fp8 e4m3 weights" in out.stderr and "fp8 e4m3 with calibrated per-head scales" in out.stderr
 
 
 def test_generate_command_reports_bad_input() -> None:

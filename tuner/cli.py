@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="narrow a knob's bounds or pin it, e.g. max_num_seqs=4:32 or num_kv_blocks=64")
     s.add_argument("--enqueue", action="append", default=[], metavar="JSON",
                    help='run this configuration first, e.g. \'{"num_kv_blocks": 64, "max_num_seqs": 16}\'')
+    s.add_argument("--allow-quantization", action="store_true",
+                   help="also search quantization (fp8 weights) and kv_cache_dtype (fp8 KV cache), which trade "
+                   "accuracy for speed")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--resume", action="store_true", help="continue the study in OUTPUT/trials.json")
     from kvpilot.engine.flags import add_engine_flags
@@ -138,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             longest = args.prefix_len + args.suffix_len + args.output_len[0]
         max_model_len = args.max_model_len or longest
         target = args.target if args.target != "auto" else ("gpu" if _gpu_visible() else "cpu")
-        space = (gpu_space(args.gpus) if target == "gpu" else cpu_space(max_model_len)).with_overrides(
+        allow = args.allow_quantization
+        space = (gpu_space(args.gpus, allow) if target == "gpu" else cpu_space(max_model_len, allow)).with_overrides(
             _overrides(args.search))
         fixed = {**engine_values(args, exclude=TUNE_OWN), "max_model_len": max_model_len}
         searched = sorted(k.name for k in space.knobs if k.name in fixed)

@@ -3,7 +3,8 @@
 Knob names are EngineConfig's (vLLM's), so a sampled configuration becomes `kvpilot serve` flags or an
 InferenceService's `engine` block without translation. On a GPU the memory knob is
 `gpu_memory_utilization`; on CPU that knob does nothing (the KV pool is sized by blocks), so the CPU
-space tunes `num_kv_blocks` instead and says so.
+space tunes `num_kv_blocks` instead and says so. Precision (`quantization`, `kv_cache_dtype`) changes what the
+model computes, so it is searched only when the user allows it (`allow_quantization`): category knobs.
 """
 
 from __future__ import annotations
@@ -12,20 +13,24 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+Value = float | int | str | None  # a category knob's values are EngineConfig's own (None: unset)
 
 
 class Knob(BaseModel):
-    """One tunable engine setting: a float or int range (log scale optional), a fixed value, or a choice."""
+    """One tunable engine setting: a float or int range (log scale optional), a fixed value, a numeric choice,
+    or a category of EngineConfig values (first: the default)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="an EngineConfig field: the knob reaches the engine as that field's flag")
-    kind: Literal["float", "int", "choice"]
+    kind: Literal["float", "int", "choice", "category"]
     low: float | None = None
     high: float | None = None
     log: bool = False
     choices: tuple[int, ...] | None = None
+    categories: tuple[str | None, ...] | None = None
     fixed: float | None = Field(default=None, description="pinned: the study does not search it")
 
     @field_validator("name")
@@ -39,6 +44,8 @@ class Knob(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Knob:
+        if self.kind == "category":
+            return self._valid_categories()
         if self.fixed is not None:
             return self
         if self.kind == "choice":
@@ -51,8 +58,23 @@ class Knob(BaseModel):
             raise ValueError(f"{self.name}: a log-scale knob needs low > 0 (got {self.low})")
         return self
 
+    def _valid_categories(self) -> Knob:
+        from kvpilot.engine.config import EngineConfig
+
+        if not self.categories:
+            raise ValueError(f"{self.name}: a category knob needs at least one value")
+        field = TypeAdapter(EngineConfig.model_fields[self.name].annotation)
+        for c in self.categories:
+            try:
+                field.validate_python(c, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{self.name}: {c!r} is not a value EngineConfig accepts") from exc
+        return self
+
     @property
     def searched(self) -> bool:
+        if self.kind == "category":
+            return len(self.categories or ()) > 1
         return self.fixed is None and not (self.kind == "choice" and len(self.choices or ()) == 1) and not (
             self.kind != "choice" and self.low == self.high
         )
@@ -64,26 +86,40 @@ class Knob(BaseModel):
             raise ValueError(f"{self.name}: a {self.kind} knob without bounds")
         return self.low, self.high
 
-    def value(self, raw: float) -> float | int:
+    def value(self, raw: Value) -> Value:
+        if self.kind == "category":
+            return raw
+        assert isinstance(raw, int | float), f"{self.name}: {raw!r} is not a number"
         return round(raw) if self.kind in ("int", "choice") else float(raw)
 
-    def pinned_value(self) -> float | int:
+    def pinned_value(self) -> Value:
         """The only value of a knob that is not searched."""
+        if self.kind == "category":
+            return (self.categories or (None,))[0]
         if self.fixed is not None:
             return self.value(self.fixed)
         if self.kind == "choice":
             return (self.choices or (0,))[0]
         return self.value(self.low or 0.0)
 
-    def contains(self, value: float) -> bool:
+    def contains(self, value: Value) -> bool:
+        if self.kind == "category":
+            return value in (self.categories or ())
+        if not isinstance(value, int | float):
+            return False
         if not self.searched:
             return value == self.pinned_value()
         if self.kind == "choice":
             return value in (self.choices or ())
         return float(self.low or 0.0) <= value <= float(self.high or 0.0)
 
-    def unit(self, value: float) -> float:
-        """Position of `value` in [0, 1] along the knob's own scale: distances for the neighbourhood penalty."""
+    def unit(self, value: Value) -> float:
+        """Position of `value` in [0, 1] along the knob's own scale: distances for the neighbourhood penalty
+        (two categories are 1 apart: one precision is never 'near' the other)."""
+        if self.kind == "category":
+            categories = self.categories or ()
+            return categories.index(value) / max(1, len(categories) - 1)
+        assert isinstance(value, int | float)
         if self.kind == "choice":
             choices = sorted(self.choices or ())
             lo, hi = math.log(choices[0]), math.log(choices[-1])
@@ -127,12 +163,14 @@ class SearchSpace(BaseModel):
                 return k
         raise KeyError(f"no knob {name!r} in the search space (have {[k.name for k in self.knobs]})")
 
-    def suggest(self, trial: Suggester) -> dict[str, float | int]:
+    def suggest(self, trial: Suggester) -> dict[str, Value]:
         """Sample one configuration: searched knobs through the trial, pinned ones as they are."""
-        params: dict[str, float | int] = {}
+        params: dict[str, Value] = {}
         for k in self.knobs:
             if not k.searched:
                 params[k.name] = k.pinned_value()
+            elif k.kind == "category":
+                params[k.name] = trial.suggest_categorical(k.name, list(k.categories or ()))
             elif k.kind == "choice":
                 params[k.name] = int(trial.suggest_categorical(k.name, list(k.choices or ())))
             elif k.kind == "int":
@@ -141,9 +179,9 @@ class SearchSpace(BaseModel):
                 params[k.name] = trial.suggest_float(k.name, *k.bounds, log=k.log)
         return params
 
-    def canonical(self, params: Mapping[str, float | int]) -> dict[str, float | int]:
+    def canonical(self, params: Mapping[str, Value]) -> dict[str, Value]:
         """Rounded so equal configurations compare equal (floats to 3 decimals, ints as ints)."""
-        out: dict[str, float | int] = {}
+        out: dict[str, Value] = {}
         for k in self.knobs:
             if k.name not in params:
                 raise ValueError(f"configuration lacks {k.name!r}: {dict(params)}")
@@ -151,7 +189,7 @@ class SearchSpace(BaseModel):
             out[k.name] = round(v, 3) if isinstance(v, float) else v
         return out
 
-    def distance(self, a: Mapping[str, float | int], b: Mapping[str, float | int]) -> float:
+    def distance(self, a: Mapping[str, Value], b: Mapping[str, Value]) -> float:
         """Largest per-knob gap in unit coordinates (Chebyshev): 'near' means near in every knob."""
         gaps = [abs(k.unit(a[k.name]) - k.unit(b[k.name])) for k in self.knobs if k.searched]
         return max(gaps, default=0.0)
@@ -168,6 +206,9 @@ class SearchSpace(BaseModel):
             b = raw if isinstance(raw, Bounds) else Bounds.model_validate(raw)
             i = next(i for i, k in enumerate(knobs) if k.name == name)
             k = knobs[i]
+            if k.kind == "category":
+                raise ValueError(f"{name}: a precision knob has no bounds to override (it is searched only "
+                                 "when quantization is allowed; pin it in the engine spec instead)")
             if k.kind == "choice":
                 allowed = tuple(c for c in (k.choices or ()) if (b.min is None or c >= b.min)
                                 and (b.max is None or c <= b.max))
@@ -188,8 +229,16 @@ def divisors(n: int) -> tuple[int, ...]:
     return tuple(d for d in range(1, n + 1) if n % d == 0)
 
 
-def gpu_space(gpus: int = 1) -> SearchSpace:
-    """Issue 6's defaults for a GPU deployment."""
+def precision_knobs() -> tuple[Knob, ...]:
+    """FP8 weights and the FP8 KV cache (issue 14), each against the engine's default (first)."""
+    return (
+        Knob(name="quantization", kind="category", categories=(None, "fp8")),
+        Knob(name="kv_cache_dtype", kind="category", categories=("auto", "fp8")),
+    )
+
+
+def gpu_space(gpus: int = 1, allow_quantization: bool = False) -> SearchSpace:
+    """Issue 6's defaults for a GPU deployment; precision too when the user allows it."""
     return SearchSpace(
         target="gpu",
         knobs=(
@@ -197,12 +246,13 @@ def gpu_space(gpus: int = 1) -> SearchSpace:
             Knob(name="max_num_seqs", kind="int", low=8, high=1024, log=True),
             Knob(name="max_num_batched_tokens", kind="int", low=256, high=32768, log=True),
             Knob(name="tensor_parallel_size", kind="choice", choices=divisors(gpus)),
+            *(precision_knobs() if allow_quantization else ()),
         ),
         note="memory knob: gpu_memory_utilization (share of GPU memory; the KV pool takes what is left)",
     )
 
 
-def cpu_space(max_model_len: int) -> SearchSpace:
+def cpu_space(max_model_len: int, allow_quantization: bool = False) -> SearchSpace:
     """For the CPU engine, where gpu_memory_utilization has no effect: the KV pool is tuned in blocks.
 
     The lower bound of `num_kv_blocks` lets the study find out for itself that a pool smaller than one
@@ -215,13 +265,14 @@ def cpu_space(max_model_len: int) -> SearchSpace:
             Knob(name="max_num_seqs", kind="int", low=1, high=64, log=True),
             Knob(name="max_num_batched_tokens", kind="int", low=max(16, max_model_len // 8), high=4096, log=True),
             Knob(name="tensor_parallel_size", kind="choice", choices=(1,)),
+            *(precision_knobs() if allow_quantization else ()),
         ),
         note="CPU: gpu_memory_utilization has no effect here, so the memory knob is num_kv_blocks "
         "(KV pool size in blocks of 16 tokens)",
     )
 
 
-def engine_flags(params: Mapping[str, float | int]) -> list[str]:
+def engine_flags(params: Mapping[str, Value]) -> list[str]:
     """`kvpilot serve` flags for a configuration, spelled as EngineConfig's flags (`--max-num-seqs=64`)."""
     from kvpilot.engine.flags import to_flags
 

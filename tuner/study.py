@@ -18,13 +18,13 @@ from typing import Literal
 
 import optuna
 from kvpilot.tuner.objective import TrialOutcome
-from kvpilot.tuner.space import SearchSpace
+from kvpilot.tuner.space import SearchSpace, Value
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
-Params = dict[str, float | int]
+Params = dict[str, Value]
 
 
 class TrialRecord(BaseModel):
@@ -61,7 +61,9 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     for k in space.knobs:
         if not k.searched:
             continue
-        if k.kind == "choice":
+        if k.kind == "category":
+            out[k.name] = CategoricalDistribution(list(k.categories or ()))
+        elif k.kind == "choice":
             out[k.name] = CategoricalDistribution(list(k.choices or ()))
         elif k.kind == "int":
             out[k.name] = IntDistribution(int(k.bounds[0]), int(k.bounds[1]), log=k.log)
@@ -104,7 +106,7 @@ class TunerStudy:
     def infeasible(self) -> list[TrialRecord]:
         return [r for r in self.records if r.ran and r.outcome.status == "infeasible"]
 
-    def enqueue(self, params: Mapping[str, float | int]) -> None:
+    def enqueue(self, params: Mapping[str, Value]) -> None:
         """Run this configuration next (e.g. the engine's defaults as a baseline); unknown knobs are an error."""
         unknown = set(params) - {k.name for k in self.space.knobs}
         if unknown:

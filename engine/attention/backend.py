@@ -57,5 +57,7 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Return [T, Hq, D]. With no cache (the memory-profiling pass) attend within the step only."""
+        """Return [T, Hq, D]. With no cache (the memory-profiling pass) attend within the step only; kv_scales
+        matter only to an e4m3 cache."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -102,12 +103,13 @@ class MLP(nn.Module):
     shared expert with the routed experts first, then reduces once).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup, reduce: bool = True) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup, reduce: bool = True,
+                 linear: Callable[..., nn.Module] = nn.Linear) -> None:
         super().__init__()
         self.tp, self.reduce = tp, reduce
         inter = intermediate_size // tp.size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden_size, bias=False)
+        self.gate_up_proj = linear(hidden_size, 2 * inter, bias=False)
+        self.down_proj = linear(inter, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -5,9 +5,13 @@ Tokens of every sequence in a step are concatenated (no padding); attention is t
 that needs to know where one sequence ends, and it reads that from AttentionMetadata.
 q/k/v and gate/up projections are fused into one matmul each; the loader splits HF weights into them.
 A layer with a sliding window passes it to the attention backend, which attends within it.
+The projections are built by `linear` (nn.Linear's signature), which quantization swaps for its own layer;
+embeddings, norms, the LM head and the routed experts stay in the model's dtype.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from kvpilot.engine.attention.backend import AttentionBackend, AttentionMetadata
@@ -18,12 +22,14 @@ from kvpilot.engine.parallel import SINGLE, ParallelLMHead, TPGroup, VocabParall
 from torch import nn
 
 KVCache = tuple[torch.Tensor, torch.Tensor] | None
+Linear = Callable[..., nn.Module]  # (in_features, out_features, bias=...) -> a module computing x @ W.T (+ b)
 
 
 class Attention(nn.Module):
     """Heads split across tensor-parallel ranks; o_proj's partial sums are all-reduced."""
 
-    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, tp: TPGroup, window: int | None = None) -> None:
+    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, tp: TPGroup, linear: Linear,
+                 window: int | None = None) -> None:
         super().__init__()
         self.tp = tp
         self.window = window
@@ -31,13 +37,16 @@ class Attention(nn.Module):
         self.head_dim = arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.qkv_proj = linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
+        self.o_proj = linear(self.q_size, arch.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.backend: AttentionBackend | None = None
+        # Per-head scales of an e4m3 KV cache (the checkpoint's or calibrated); unread by any other cache.
+        self.register_buffer("k_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
 
     def project(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k and v [T, Hkv, D], rotated: everything before the attention itself."""
@@ -54,7 +63,8 @@ class Attention(nn.Module):
                meta: AttentionMetadata) -> torch.Tensor:
         assert self.backend is not None, "the model runner sets the attention backend before any forward"
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-        return self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
+        return self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window,
+                                    (self.k_scale, self.v_scale))
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(self.o_proj(attn.reshape(attn.shape[0], self.q_size)))
@@ -66,14 +76,15 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, tp: TPGroup, index: int) -> None:
+    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, tp: TPGroup, linear: Linear, index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         window = arch.layer_windows[index] if arch.layer_windows else None
-        self.self_attn = Attention(arch, rotary, tp, window)
+        self.self_attn = Attention(arch, rotary, tp, linear, window)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp: nn.Module = (
-            SparseMoE(arch, tp) if arch.is_moe_layer(index) else MLP(arch.hidden_size, arch.intermediate_size, tp)
+            SparseMoE(arch, tp) if arch.is_moe_layer(index)
+            else MLP(arch.hidden_size, arch.intermediate_size, tp, linear=linear)
         )
 
     def pre_attention(
@@ -104,11 +115,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch, max_positions: int, tp: TPGroup) -> None:
+    def __init__(self, arch: ModelArch, max_positions: int, tp: TPGroup, linear: Linear) -> None:
         super().__init__()
         rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, tp, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, tp, linear, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(
@@ -129,11 +140,13 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """Decoder plus LM head; logits are computed only for the rows that will be sampled."""
 
-    def __init__(self, arch: ModelArch, max_positions: int, tp: TPGroup = SINGLE) -> None:
+    def __init__(self, arch: ModelArch, max_positions: int, tp: TPGroup = SINGLE, linear: Linear = nn.Linear) -> None:
         super().__init__()
         self.arch, self.tp = arch, tp
-        self.model = DecoderModel(arch, max_positions, tp)
+        self.model = DecoderModel(arch, max_positions, tp, linear)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
+        # The checkpoint's K/V cache scales, {layer: {"k": t, "v": t}}: the loader fills it, the runner reads it.
+        self.checkpoint_kv_scales: dict[int, dict[str, torch.Tensor]] = {}
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -3,7 +3,8 @@
 HF checkpoints keep q/k/v and gate/up as separate tensors, and each expert of an MoE layer as its own
 (`experts.{e}.gate_proj`, or Mixtral's `block_sparse_moe.experts.{e}.w1`); ours are fused and stacked, so
 each HF tensor names the slice of a parameter it fills. Every parameter must be filled exactly once: a
-missing or unexpected tensor is an error, never a silently random weight.
+missing or unexpected tensor is an error, never a silently random weight. FP8 models build their projections as
+Fp8Linear and read the stream through engine/quant/fp8_weights.py, which yields their weights and scales.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import logging
 import re
 import zlib
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
 from kvpilot.engine.models.arch import ModelArch
 from kvpilot.engine.models.llama import CausalLM
 from kvpilot.engine.parallel import SINGLE, TPGroup, shard_cols, shard_rows
+from kvpilot.engine.quant.fp8_linear import Fp8Linear
+from kvpilot.engine.quant.fp8_scheme import Fp8Scheme
+from kvpilot.engine.quant.fp8_weights import KVScaleSink, check_tensor_parallel, fp8_stream
 from safetensors import safe_open
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +87,9 @@ def _rank_part(model: CausalLM, name: str, tensor: torch.Tensor) -> torch.Tensor
         return tensor
     if ".qkv_proj." in name or ".gate_up_proj." in name or name.endswith("experts.gate_up_proj"):
         return shard_rows(tensor, tp, tensor.shape[0] // tp.size)
-    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+    # FP8 block scales [rows, K-groups] split with their columns; one per row is every column's
+    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) or (
+            name.endswith(("o_proj.weight_scale", "down_proj.weight_scale")) and tensor.shape[1] > 1):
         return shard_cols(tensor, tp)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return shard_rows(tensor, tp, -(-tensor.shape[0] // tp.size))
@@ -133,10 +141,6 @@ def _fill(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]], source: 
     missing = [n for n, p in params.items() if filled.get(n, 0) != _expected_parts(n, p)]
     if missing:
         raise ValueError(f"{source} lacks weights for {missing[:5]} ({len(missing)} in all)")
-
-
-def load_safetensors(model: CausalLM, model_dir: Path) -> None:
-    _fill(model, _iter_tensors(safetensors_files(model_dir)), f"checkpoint in {str(model_dir)!r}", sharded=False)
 
 
 def hf_layout(arch: ModelArch) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
@@ -221,14 +225,13 @@ def _dummy_part(
     return part
 
 
-def init_dummy(model: CausalLM, seed: int) -> None:
+def dummy_tensors(model: CausalLM, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights in the real shapes, identical whatever the tensor-parallel size, without a checkpoint."""
     param = next(model.parameters())
-    tensors = (
+    return (
         (name, _dummy_part(name, shape, split, model.tp, seed, param.dtype, param.device))
         for name, shape, split in hf_layout(model.arch)
     )
-    _fill(model, tensors, "dummy weights", sharded=True)
 
 
 def load_model(
@@ -241,19 +244,32 @@ def load_model(
     max_positions: int,
     seed: int,
     tp: TPGroup = SINGLE,
+    fp8: Fp8Scheme | None = None,
+    fp8_gemm: str = "reference",
 ) -> CausalLM:
-    """Build the module directly on the device in the target dtype, then fill its weights."""
+    """Build the module directly on the device in the target dtype, then fill its weights (`fp8`: e4m3 ones).
+
+    K/V cache scales the checkpoint carries are kept in `model.checkpoint_kv_scales` for the runner."""
+    shapes = {name: shape for name, shape, _ in hf_layout(arch)}
+    if fp8 is not None:
+        check_tensor_parallel(fp8, shapes, tp.size)
+    linear = nn.Linear if fp8 is None else partial(Fp8Linear, group=fp8.group, gemm=fp8_gemm)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = CausalLM(arch, max_positions, tp)
+            model = CausalLM(arch, max_positions, tp, linear)
     finally:
         torch.set_default_dtype(default_dtype)
-    if load_format == "dummy":
-        init_dummy(model, seed)
-    else:
-        load_safetensors(model, model_dir)
+    dummy = load_format == "dummy"
+    tensors = dummy_tensors(model, seed) if dummy else _iter_tensors(safetensors_files(model_dir))
+    if fp8 is not None:
+        tensors = fp8_stream(tensors, fp8, shapes, device, dummy)
+    sink = KVScaleSink()
+    source = "dummy weights" if dummy else f"checkpoint in {str(model_dir)!r}"
+    _fill(model, sink.filter(tensors), source, sharded=dummy)
+    model.checkpoint_kv_scales = sink.layers
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s (%.3fB params, %s, %s) from %s", arch.model_type, n_params / 1e9, dtype, load_format, model_dir)
+    log.info("loaded %s (%.3fB params, %s, %s) from %s", arch.model_type, n_params / 1e9,
+             dtype if fp8 is None else f"{dtype}, {fp8.describe()}", load_format, model_dir)
     return model.eval()

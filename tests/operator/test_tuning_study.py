@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from kvpilot.operator.spec import parse_spec
-from kvpilot.operator.tuning_study import settings_from_spec, space_from_spec, tuning_status
-from kvpilot.tuner.cluster import Observation, advance
+from kvpilot.operator.tuning_study import settings_from_spec, space_from_spec, study_basis, tuning_status, with_params
+from kvpilot.tuner.cluster import ClusterState, Observation, advance
+from kvpilot.tuner.study import StudyState
 
 from tests.tuner.test_cluster import SETTINGS, T0, FakeCluster, drive, new_state
 
@@ -36,3 +37,26 @@ def test_tuning_status_fits_the_operators_status_model() -> None:
     running, _ = advance(new_state(), SETTINGS, Observation(now=T0))
     live = tuning_status(running, engine, "llm-tuning")
     assert live.state == "Running" and live.current_trial is not None and live.current_trial.revision == "trial-0"
+
+
+def test_precision_is_a_knob_only_with_allow_quantization_and_shows_in_status() -> None:
+    base = {"model": {"name": "m", "uri": "demo"}, "tuning": {"enabled": True}}
+    assert "quantization" not in {k.name for k in space_from_spec(parse_spec(base)).knobs}
+    allowed = parse_spec({**base, "tuning": {"enabled": True, "allowQuantization": True}})
+    space = space_from_spec(allowed)
+    assert space.knob("quantization").searched and space.knob("kv_cache_dtype").searched
+    assert study_basis(allowed) != study_basis(parse_spec(base)), "allowing precision is a different study"
+    state = ClusterState(study=StudyState(space=space.with_overrides(
+        {"gpu_memory_utilization": {"min": 0.70, "max": 0.95}}), seed=2))
+    state = drive(state, FakeCluster(), 200, restart_every=3)  # restarts: None and strings survive the ConfigMap
+    assert state.phase == "Done" and state.promoted is not None
+    tried = {(r.params["quantization"], r.params["kv_cache_dtype"]) for r in state.study.records if r.ran}
+    assert len(tried) > 1, tried
+    status = tuning_status(state, {"maxNumSeqs": 256, "kvCacheDtype": "auto"}, "m-tuning")
+    assert status.best is not None
+    assert status.best.config.quantization == state.promoted["quantization"]
+    assert status.best.config.kv_cache_dtype == state.promoted["kv_cache_dtype"]
+    weights = state.promoted["quantization"] or "checkpoint"
+    kv = "model-dtype" if state.promoted["kv_cache_dtype"] == "auto" else "fp8"
+    assert status.best.precision == f"{weights} weights, {kv} KV cache"
+    assert with_params(allowed, {"quantization": "fp8"}).engine.quantization == "fp8"

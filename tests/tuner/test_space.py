@@ -75,3 +75,29 @@ def test_canonical_requires_every_knob_and_flags_use_vllm_spelling() -> None:
         "--max-num-seqs=8", "--gpu-memory-utilization=0.9"]
     with pytest.raises(ValueError, match="not an EngineConfig field"):
         Knob(name="max_num_seq", kind="int", low=1, high=8)
+
+
+def test_precision_is_searched_only_when_allowed() -> None:
+    """Issue 14: quantization and kv_cache_dtype are category knobs, off unless allowQuantization."""
+    assert {"quantization", "kv_cache_dtype"}.isdisjoint(k.name for k in gpu_space(2).knobs)
+    space = gpu_space(2, allow_quantization=True)
+    quant, kv = space.knob("quantization"), space.knob("kv_cache_dtype")
+    assert quant.searched and quant.categories == (None, "fp8") and kv.categories == ("auto", "fp8")
+    assert quant.pinned_value() is None and kv.contains("fp8") and not kv.contains("fp16")
+    assert space.distance({**_any(space), "quantization": None}, {**_any(space), "quantization": "fp8"}) == 1.0
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {(p["quantization"], p["kv_cache_dtype"]) for p in
+            (space.canonical(space.suggest(study.ask())) for _ in range(40))}
+    assert seen == {(None, "auto"), (None, "fp8"), ("fp8", "auto"), ("fp8", "fp8")}
+    assert engine_flags({"quantization": "fp8", "kv_cache_dtype": "fp8"}) == ["--quantization=fp8",
+                                                                              "--kv-cache-dtype=fp8"]
+    assert engine_flags({"quantization": None}) == []
+    assert "quantization" in {k.name for k in cpu_space(96, allow_quantization=True).knobs}
+    with pytest.raises(ValueError, match="no bounds to override"):
+        space.with_overrides({"quantization": {"fixed": 1}})
+    with pytest.raises(ValueError, match="'int8' is not a value EngineConfig accepts"):
+        Knob(name="quantization", kind="category", categories=(None, "int8"))
+
+
+def _any(space) -> dict:
+    return {k.name: k.pinned_value() for k in space.knobs}
