@@ -20,9 +20,11 @@ REGISTRY = "ghcr.io/kvpilot"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
-def test_the_three_images_are_built_here() -> None:
-    """The engine for GPUs, the engine for CPU nodes (demo, e2e/kind) and the operator, each its own file."""
-    assert {r.title for r in RECIPES.values()} == {"kvpilot-engine", "kvpilot-engine-cpu", "kvpilot-operator"}
+def test_the_four_images_are_built_here() -> None:
+    """The engine for GPUs, the engine for CPU nodes (demo, e2e/kind), the operator and the router, each its own
+    file."""
+    assert {r.title for r in RECIPES.values()} == {"kvpilot-engine", "kvpilot-engine-cpu", "kvpilot-operator",
+                                                   "kvpilot-router"}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -1,10 +1,11 @@
 """Each image's Python environment, built on this machine the way its Dockerfile builds it (replay.py): a fresh
 venv, the locked requirements with --require-hashes, kvpilot with --no-deps; then its entrypoint must start.
 
-The operator image runs in every `pytest`. The engine images install torch and are marked slow. The CUDA
-engine's lock cannot install on a CPU machine as a whole (torch's CUDA build and its CUDA library wheels,
-about 3 GB compressed, need an NVIDIA driver to load), so its test installs the rest of that lock, hash for hash, with
-the CPU image's locked torch of the same version in their place.
+The operator image runs in every `pytest`. The router's (a minute: transformers and numpy) is marked slow, and
+so are the engine images, which install torch. The CUDA engine's lock cannot install on a CPU machine as a whole
+(torch's CUDA build and its CUDA library wheels, about 3 GB compressed, need an NVIDIA driver to load), so its
+test installs the rest of that lock, hash for hash, with the CPU image's locked torch of the same version in
+their place.
 """
 
 from __future__ import annotations
@@ -50,6 +51,59 @@ def test_operator_image_installs_its_lock_and_imports_its_entrypoint(tmp_path: P
     _ok(run_in_image(recipe, tmp_path, [*recipe.entrypoint, recipe.cmd[0], "--help"]))
     crd = yaml.safe_load(_ok(run_in_image(recipe, tmp_path, [*recipe.entrypoint, "crd"])))
     assert crd["kind"] == "CustomResourceDefinition"
+
+
+IMPORT_ROUTER = (
+    "import sys, kvpilot.router.app, kvpilot.router.cli, kvpilot.router.kube_source, kvpilot.router.tokenizer\n"
+    "print(sorted(m for m in ('torch', 'fastapi', 'kopf', 'optuna') if m in sys.modules))"
+)
+
+
+@pytest.mark.slow
+def test_router_image_installs_its_lock_and_routes_with_the_demo_tokenizer(tmp_path: Path) -> None:
+    """The router's imports, and nothing of the engine's or the operator's stack; `kvpilot router` as the operator
+    runs it (the demo tokenizer built into the image) answers /ready, holds a completion for an engine that is not
+    there and answers 503 with Retry-After, serves its metrics, and exits cleanly on SIGTERM."""
+    recipe = read(DOCKER / "Dockerfile.router")
+    build(recipe, tmp_path)
+    imported = _ok(_python(recipe, tmp_path, IMPORT_ROUTER))
+    assert imported.strip() == "[]", "the router imported another part's stack"
+    missing = _python(recipe, tmp_path, "import torch")
+    assert missing.returncode != 0 and "No module named 'torch'" in missing.stderr, "torch is in the router image"
+    assert recipe.entrypoint == ("kvpilot",) and recipe.cmd[0] == "router"
+    port, absent = _free_port(), _free_port()
+    argv = [*recipe.entrypoint, "router", "--host", "127.0.0.1", "--port", str(port), "--tokenizer", "demo",
+            "--backend", f"http://127.0.0.1:{absent}", "--queue-timeout-s", "0.5"]
+    log = tmp_path / "router.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env=image_env(recipe, tmp_path), stdout=out, stderr=subprocess.STDOUT,
+                                cwd=host(tmp_path, "/home/kvpilot"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"the router exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the router did not become ready"
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert reply.status_code == 503 and reply.headers["Retry-After"], reply.text
+        assert reply.json()["error"]["code"] == "no_engine"
+        assert "kvpilot:router_prompt_tokens_total" in httpx.get(f"{url}/metrics", timeout=5).text
+        assert "no --tokenizer" not in log.read_text(), "the demo tokenizer was not found in the image"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, log.read_text()[-3000:]
 
 
 def _free_port() -> int:
