@@ -96,6 +96,8 @@ def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:
 
 async def handle(ctx: RouterContext, request: web.Request) -> web.StreamResponse:
     arrival = time.monotonic()
+    if request.method == "POST":  # a completion: demand, whether it is served, waits or is refused
+        ctx.metrics.received.inc()
     body = await request.read()
     parsed = _parse(body)
     key = route_key(request.path, parsed, ctx.tokenizer)

@@ -120,6 +120,7 @@ async def test_no_engine_queues_then_503_and_a_full_queue_429s(client: httpx.Asy
         await eventually(lambda: r.ctx.admission.queued == 2)
         over = await client.post(f"{r.url}/v1/completions", json=BODY)
         assert over.status_code == 429 and over.json()["error"]["code"] == "queue_full" and over.headers["retry-after"]
+        assert r.metric("kvpilot:router_requests_received_total") == 3, "demand counts on arrival, refused or not"
         assert [a.status_code for a in await asyncio.gather(*waiting)] == [503, 503]
 
 
