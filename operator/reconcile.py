@@ -20,6 +20,8 @@ from kvpilot.operator.children import Children
 from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, ApiError, KubeClient
 from kvpilot.operator.reducer import Event, Part, apply, reduce
+from kvpilot.operator.router_resources import router_children, router_name, tokenizer_source
+from kvpilot.operator.router_status import ready_routers, router_part
 from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
 from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
 from kvpilot.operator.tuning import TuningDriver, trial_revision
@@ -92,6 +94,7 @@ def _converge(
     desired: str,
     status: InferenceServiceStatus,
     service_monitors: bool,
+    router_image: str,
 ) -> None:
     keep = rollout.revisions_to_keep(status)
     skip = {r.revision for r in status.retiring} | {trial_revision(status)}  # a trial's children are the tuner's
@@ -104,7 +107,11 @@ def _converge(
             applier.ensure(child)
     serving = status.active_revision or desired
     preview = status.candidate_revision or serving
-    for child in res.shared_children(name, applier.namespace, serving, preview, service_monitors):
+    for child in res.shared_children(name, applier.namespace, preview, service_monitors):
+        applier.ensure(child)
+    routers_up = ready_routers(applier.get("Deployment", router_name(name))) > 0
+    direct = None if routers_up else status.active_revision
+    for child in router_children(name, applier.namespace, spec, serving, router_image, direct):
         applier.ensure(child)
     for kind in ("Deployment", "ConfigMap"):
         for obj in applier.list(kind, res.pod_selector(name)):
@@ -212,8 +219,10 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
     tuning = TuningDriver(applier, name, body["metadata"].get("uid", name), user_spec, config, study, basis)
     parts["tuning"] = tuning.step(after_rollout, desired, at)
     service_monitors = spec.monitoring.service_monitor and client.has_resource(SERVICE_MONITOR)
-    _converge(applier, name, spec, desired, apply(previous, parts, generation), service_monitors)
+    _converge(applier, name, spec, desired, apply(previous, parts, generation), service_monitors, config.router_image)
     parts["slo"] = _observe_slo(previous, namespace, name, after_rollout.active_revision, spec, config, at)
+    parts["router"] = router_part(applier.get("Deployment", router_name(name)), after_rollout.active_revision,
+                                  tokenizer_source(spec)[0])
     deployment = applier.get("Deployment", res.deployment_name(name, after_rollout.active_revision or desired))
     parts["rollout"].fields["ready_replicas"] = ((deployment or {}).get("status") or {}).get("readyReplicas", 0)
     status, events = reduce(previous, parts, generation)

@@ -10,6 +10,7 @@ import re
 from typing import Any, Literal
 
 from kvpilot.operator.engine_knobs import knobs_model
+from kvpilot.operator.router_knobs import router_knobs_model
 from kvpilot.tuner.objective import SLO
 from kvpilot.tuner.space import gpu_space
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -75,21 +76,25 @@ EngineSpec = knobs_model(
 )
 
 
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?", value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
+    return value
+
+
+QUANTITY = {"x-kubernetes-int-or-string": True}
+
+
 class ResourcesSpec(CRDModel):
     gpus_per_replica: int = Field(default=1, ge=0, le=16, description="0 runs on CPU.")
-    cpu: int | str = Field(default="4", json_schema_extra={"x-kubernetes-int-or-string": True})
-    memory: int | str = Field(default="32Gi", json_schema_extra={"x-kubernetes-int-or-string": True})
+    cpu: int | str = Field(default="4", json_schema_extra=QUANTITY)
+    memory: int | str = Field(default="32Gi", json_schema_extra=QUANTITY)
     shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list, json_schema_extra={"items": _preserve("object")})
     affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_preserve("object"))
 
-    @field_validator("cpu", "memory")
-    @classmethod
-    def _quantity(cls, value: int | str) -> int | str:
-        if isinstance(value, str) and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?", value):
-            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
-        return value
+    _quantities = field_validator("cpu", "memory")(lambda value: _quantity(value))
 
 
 class SLOSpec(SLO):
@@ -184,6 +189,26 @@ class RolloutSpec(CRDModel):
     auto_rollback: bool = True
 
 
+class _RouterSpecBase(CRDModel):
+    """What the operator adds around the router's knobs (those come from RouterConfig: router_knobs.py)."""
+
+    replicas: int = Field(
+        default=2, ge=1, le=32, description="Router pods behind the stable Service. Two or more keep the endpoint up "
+        "through a node's loss and a rolling update (their PodDisruptionBudget lets one go at a time). Each reads "
+        "every engine's metrics and block events: add routers for request rate, not for engines.")
+    cpu: int | str = Field(default="1", json_schema_extra=QUANTITY, description="CPU request and limit per router.")
+    memory: int | str = Field(default="1Gi", json_schema_extra=QUANTITY,
+                              description="Memory request and limit per router.")
+
+    _quantities = field_validator("cpu", "memory")(lambda value: _quantity(value))
+
+
+RouterSpec = router_knobs_model(
+    "RouterSpec", _RouterSpecBase, "The prefix-cache-aware router in front of the engines: its pods, and every "
+    "RouterConfig knob (unset: the router's default)."
+)
+
+
 class MonitoringSpec(CRDModel):
     service_monitor: bool = Field(default=True, description="Create a ServiceMonitor when its CRD exists.")
     prometheus_url: str | None = Field(default=None, pattern=r"^https?://.+")
@@ -197,6 +222,7 @@ class InferenceServiceSpec(CRDModel):
     slo: SLOSpec = Field(default_factory=SLOSpec)
     tuning: TuningSpec = Field(default_factory=TuningSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
 
     @model_validator(mode="after")

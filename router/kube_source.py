@@ -96,8 +96,9 @@ def api_client() -> client.ApiClient:
     configuration = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(client_configuration=configuration)
+    else:  # KUBECONFIG read now, not at import time as the kubernetes package's default does
+        path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
+        config.load_kube_config(config_file=path, client_configuration=configuration)
     api = client.ApiClient(configuration)
     api.user_agent = USER_AGENT
     return api
@@ -237,6 +238,8 @@ class KubernetesSource:
             except Exception as exc:  # a read timeout, a dropped connection: watch again from where it was
                 if self._stopped.is_set():
                     return
-                log.debug("watch %s interrupted: %s", list_fn.__name__, exc)
+                # An object the client cannot read (ValueError) is no routine interruption: say so.
+                log.log(logging.WARNING if isinstance(exc, ValueError) else logging.DEBUG, "watch %s interrupted: %s",
+                        list_fn.__name__, exc)
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)

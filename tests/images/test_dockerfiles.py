@@ -9,6 +9,7 @@ import tomllib
 import pytest
 import yaml
 from kvpilot.operator.chart_values import Image
+from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.spec import EngineSpec, parse_spec
 from packaging.utils import canonicalize_name
 
@@ -107,6 +108,10 @@ def test_chart_operator_spec_and_examples_name_images_built_here() -> None:
     assert values["repository"] == Image().repository == f"{REGISTRY}/kvpilot-operator"
     assert values["tag"] == "", "the tag defaults to appVersion"
     assert EngineSpec().image == _published(by_title["kvpilot-engine"])
+    router = yaml.safe_load((ROOT / "charts" / "kvpilot" / "values.yaml").read_text())["router"]["image"]
+    published_router = _published(by_title["kvpilot-router"])
+    assert f"{router['repository']}:{VERSION}" == OperatorConfig().router_image == published_router
+    assert router["tag"] == "", "the router's tag defaults to appVersion too"
     for example in sorted((ROOT / "examples").glob("*.yaml")):
         spec = parse_spec(yaml.safe_load(example.read_text())["spec"])
         image = spec.engine.image
