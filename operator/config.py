@@ -18,6 +18,8 @@ class OperatorConfig(BaseModel):
         "harness point it at a local proxy.",
     )
     slo_refresh_seconds: float = Field(default=30.0, gt=0, description="How often the live SLO is read.")
+    autoscale_refresh_seconds: float = Field(default=5.0, gt=0, description="How often the autoscaler reads its "
+                                             "signal (spec.autoscaling).")
     slo_window_seconds: float = Field(default=300.0, gt=0, description="Window of the live SLO reading.")
     scrape_interval_seconds: float = Field(
         default=15.0, gt=0, description="Prometheus's scrape interval: trial windows are read a scrape after they end."
@@ -54,6 +56,7 @@ class OperatorConfig(BaseModel):
             "service_url_template": os.environ.get("KVPILOT_SERVICE_URL_TEMPLATE"),
             "slo_refresh_seconds": os.environ.get("KVPILOT_SLO_REFRESH_SECONDS"),
             "slo_window_seconds": os.environ.get("KVPILOT_SLO_WINDOW_SECONDS"),
+            "autoscale_refresh_seconds": os.environ.get("KVPILOT_AUTOSCALE_REFRESH_SECONDS"),
             "scrape_interval_seconds": os.environ.get("KVPILOT_SCRAPE_INTERVAL_SECONDS"),
             "namespaces": _listed("KVPILOT_NAMESPACES"),
             "allowed_host_paths": _listed("KVPILOT_ALLOWED_HOST_PATHS"),

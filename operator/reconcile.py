@@ -16,6 +16,8 @@ from typing import Any
 from kvpilot.operator import policy, rollout
 from kvpilot.operator import resources as res
 from kvpilot.operator.apply import Applier, conflict_error
+from kvpilot.operator.autoscale import Reading, autoscaling_part
+from kvpilot.operator.autoscale_signal import read_signals
 from kvpilot.operator.children import Children
 from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, ApiError, KubeClient
@@ -150,6 +152,38 @@ def _observe_slo(
     return part
 
 
+def _autoscale(applier: Applier, previous: InferenceServiceStatus, name: str, spec: InferenceServiceSpec,
+               config: OperatorConfig, at: dt.datetime) -> Part:
+    """Read the signals at most every autoscale_refresh_seconds and propose the active revision's replicas."""
+    auto = spec.autoscaling
+    assert auto is not None
+    last = previous.autoscaling
+    active = previous.active_revision
+    deployment = applier.get("Deployment", res.deployment_name(name, active)) if active else None
+    serving = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+    if last is not None and last.recommendations and (
+            at - last.recommendations[-1].at).total_seconds() < config.autoscale_refresh_seconds:
+        part = Part()
+        part.fields["autoscaling"] = last.model_copy(update={"current_replicas": serving})
+        return part
+    prom = policy.prometheus(spec, config)
+    reading = (Reading(error="no Prometheus: the operator's, or spec.monitoring.prometheusUrl") if prom is None
+               else read_signals(prom, applier.namespace, name, active, spec, auto.window_seconds))
+    best = previous.tuning.best if previous.tuning else None
+    goodput = auto.goodput_per_replica or (best.goodput_tokens_per_second if best and best.feasible else None)
+    current = last.desired_replicas if last is not None else spec.replicas
+    return autoscaling_part(auto, last, reading, current, serving, goodput, at)
+
+
+def _scaled_replicas(previous: InferenceServiceStatus, part: Part) -> int:
+    """What the revisions get: the autoscaler's count, but at least one until a revision serves and while a
+    rollout's candidate must be verified (the candidate comes up at the stable revision's count)."""
+    desired = part.fields["autoscaling"].desired_replicas
+    if previous.active_revision is None or previous.candidate_revision is not None:
+        return max(1, desired)
+    return desired
+
+
 def _invalid_spec(status: InferenceServiceStatus, message: str, reason: str = "InvalidSpec") -> Part:
     part = Part(phase="Failed" if status.active_revision is None else "Degraded")
     previous = status.condition("Ready")
@@ -212,9 +246,13 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
     study, basis = load_study(applier, name)
     spec = effective_spec(spec, study)
     desired = res.revision_of(spec)
+    parts: dict[str, Part] = {}
+    if spec.autoscaling is not None:
+        parts["autoscaling"] = _autoscale(applier, previous, name, spec, config, at)
+        spec = spec.model_copy(update={"replicas": _scaled_replicas(previous, parts["autoscaling"])})
     checks = LiveChecks(applier, spec, name, config)
     slo_checks = policy.prometheus_url(spec, config) is not None
-    parts = {"rollout": rollout.advance(previous, spec, desired, checks, at, slo_checks)}
+    parts["rollout"] = rollout.advance(previous, spec, desired, checks, at, slo_checks)
     after_rollout = apply(previous, parts, generation)  # what tuning and the children follow
     tuning = TuningDriver(applier, name, body["metadata"].get("uid", name), user_spec, config, study, basis)
     parts["tuning"] = tuning.step(after_rollout, desired, at)

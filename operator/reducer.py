@@ -63,6 +63,7 @@ OWNERS: dict[str, Owner] = {
     "tuning": Owner(frozenset({"tuning"}), frozenset({"Tuned"})),
     "slo": Owner(frozenset({"slo", "ttft_p95_ms", "tokens_per_second"}), frozenset({"SLOMet"})),
     "router": Owner(frozenset({"router"}), frozenset({"RouterReady"})),
+    "autoscaling": Owner(frozenset({"autoscaling"}), frozenset()),
 }
 
 

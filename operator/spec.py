@@ -209,6 +209,37 @@ RouterSpec = router_knobs_model(
 )
 
 
+class AutoscalingSpec(CRDModel):
+    """Replicas of the active revision from a live signal, instead of `spec.replicas` (which it then overrides)."""
+
+    min_replicas: int = Field(default=1, ge=0, le=100, description="0 scales to zero when idle: the routers hold "
+                              "requests in their bounded queue while the first engine starts.")
+    max_replicas: int = Field(default=4, ge=1, le=100)
+    signal: Literal["Demand", "SLOAttainment", "QueueDepth"] = Field(
+        default="Demand", description="Demand: output tokens/s demanded over the per-replica goodput at the SLO; "
+        "SLOAttainment: add a replica while the share of requests within the SLO is below the target; QueueDepth: "
+        "requests waiting (routers' queue and engines') per replica.")
+    goodput_per_replica: float | None = Field(
+        default=None, gt=0, description="Output tokens/s one replica serves within the SLO (Demand). Unset: the "
+        "best tuning trial's measured goodput.")
+    target_utilization: float = Field(default=0.8, gt=0, le=1,
+                                      description="Share of that goodput to plan for (Demand): headroom for bursts.")
+    target_attainment: float = Field(default=0.95, gt=0, le=1, description="SLOAttainment's target share.")
+    target_queue_depth: float = Field(default=4, gt=0, description="Waiting requests per replica (QueueDepth).")
+    window_seconds: int = Field(default=30, ge=5, le=600, description="The window each reading averages over.")
+    scale_up_stabilization_seconds: int = Field(
+        default=0, ge=0, le=3600, description="Scale up to the lowest recommendation of this window (0: at once).")
+    scale_down_stabilization_seconds: int = Field(
+        default=120, ge=0, le=3600, description="Scale down only to the highest recommendation of this window, so "
+        "replicas do not flap.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})")
+        return self
+
+
 class MonitoringSpec(CRDModel):
     service_monitor: bool = Field(default=True, description="Create a ServiceMonitor when its CRD exists.")
     prometheus_url: str | None = Field(default=None, pattern=r"^https?://.+")
@@ -223,6 +254,8 @@ class InferenceServiceSpec(CRDModel):
     tuning: TuningSpec = Field(default_factory=TuningSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Unset: `replicas` serves. Set: the operator scales the active revision.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
 
     @model_validator(mode="after")
@@ -241,6 +274,11 @@ SPEC_CEL_RULES: list[dict[str, str]] = [
         "rule": "!has(self.resources) || !has(self.resources.gpusPerReplica) || self.resources.gpusPerReplica != 0"
         " || !has(self.engine) || !has(self.engine.tensorParallelSize) || self.engine.tensorParallelSize == 1",
         "message": "engine.tensorParallelSize must be 1 when resources.gpusPerReplica is 0 (CPU)",
+    },
+    {
+        "rule": "!has(self.autoscaling) || (has(self.autoscaling.minReplicas) ? self.autoscaling.minReplicas : 1)"
+        " <= (has(self.autoscaling.maxReplicas) ? self.autoscaling.maxReplicas : 4)",
+        "message": "autoscaling.minReplicas must not exceed maxReplicas",
     },
     {
         "rule": "!has(self.resources) || !has(self.resources.gpusPerReplica) || self.resources.gpusPerReplica == 0"

@@ -16,6 +16,7 @@ Phase = Literal["Pending", "Deploying", "Ready", "Upgrading", "Tuning", "Degrade
 ConditionType = Literal["Ready", "Progressing", "SLOMet", "Tuned", "Degraded", "RouterReady"]
 RolloutStep = Literal["Deploying", "Verifying", "Failed"]
 HISTORY_LIMIT = 10
+RECOMMENDATION_LIMIT = 64
 
 
 def now() -> dt.datetime:
@@ -106,6 +107,24 @@ class RouterStatus(CRDModel):
                                   "route by their leading characters.")
 
 
+class Recommendation(CRDModel):
+    at: dt.datetime
+    replicas: int
+
+
+class AutoscalingStatus(CRDModel):
+    """What the autoscaler read, wants and why; its recent recommendations are its stabilisation windows' memory,
+    kept here so that an operator restart does not forget them."""
+
+    desired_replicas: int
+    current_replicas: int = 0
+    reason: str
+    message: str = ""
+    signal_value: float | None = Field(default=None, description="The last reading of spec.autoscaling.signal.")
+    last_scale_time: dt.datetime | None = None
+    recommendations: list[Recommendation] = Field(default_factory=list, max_length=RECOMMENDATION_LIMIT)
+
+
 class InferenceServiceStatus(CRDModel):
     phase: Phase = "Pending"
     observed_generation: int | None = None
@@ -124,6 +143,7 @@ class InferenceServiceStatus(CRDModel):
     tokens_per_second: float | None = Field(default=None, description="Last observed throughput.")
     tuning: TuningStatus | None = None
     router: RouterStatus | None = None
+    autoscaling: AutoscalingStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
     def condition(self, kind: ConditionType) -> Condition | None:
