@@ -3,9 +3,8 @@ and Events say why, and a scale-down waits out its stabilisation window."""
 
 from __future__ import annotations
 
-from kmock import Emulator
-
 from .conftest import NAMESPACE, isvc
+from .emulator import Emulator
 from .flows import create, deploy_ready, event_reasons, isvc_status, mark_ready
 from .harness import FakePrometheus, eventually
 
