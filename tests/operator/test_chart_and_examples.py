@@ -14,6 +14,7 @@ import yaml
 from kvpilot.operator import resources as res
 from kvpilot.operator.chart_values import ChartValues, values_schema_json
 from kvpilot.operator.config import DEFAULT_ROUTER_IMAGE
+from kvpilot.operator.crd import GROUP, KIND, VERSION, crd_manifest
 from kvpilot.operator.router_resources import router_children, router_rbac
 from kvpilot.operator.spec import parse_spec
 
@@ -141,3 +142,13 @@ def test_the_chart_lets_the_operator_create_and_grant_the_routers_role(name: str
 def test_examples_cover_cpu_one_gpu_and_two_gpus():
     gpus = sorted(parse_spec(yaml.safe_load(p.read_text())["spec"]).resources.gpus_per_replica for p in EXAMPLES)
     assert gpus == [0, 1, 2]
+
+
+def test_the_hpa_example_validates_and_targets_the_scale_subresource():
+    """KEDA/HPA users: the example is a valid HorizontalPodAutoscaler, and what it targets has /scale."""
+    hpa = yaml.safe_load((ROOT / "examples" / "hpa" / "llama-8b-hpa.yaml").read_text())
+    validate_k8s(hpa)
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == (f"{GROUP}/{VERSION}", KIND)
+    version = crd_manifest()["spec"]["versions"][0]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
