@@ -92,6 +92,7 @@ class Cluster:
             KVPILOT_RESYNC_SECONDS="1",
             KVPILOT_SLO_REFRESH_SECONDS="2",
             KVPILOT_SLO_WINDOW_SECONDS="30",
+            KVPILOT_AUTOSCALE_REFRESH_SECONDS="1",
             KVPILOT_SCRAPE_INTERVAL_SECONDS=str(SCRAPE_INTERVAL_S),
             KVPILOT_PROMETHEUS_URL=self.prometheus.url,  # the operator's own: a user's spec may not pick one
         )

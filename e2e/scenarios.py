@@ -21,6 +21,7 @@ from e2e.kubectl import kubectl_scenario
 from e2e.pod import PodRunner
 from e2e.rbac import rbac_result
 from e2e.report import Result, first_failure
+from e2e.router_scenarios import RouterScenarios
 from e2e.traffic import Load, Outcome, SteadyClient, burst
 
 NAME = "demo"
@@ -50,7 +51,8 @@ TUNING: dict[str, Any] = {
 }
 REFUSAL_LIMIT_S = 10.0  # a refusal must come fast; only contention on 2 shared cores makes it take seconds
 QUEUE_FULL = "queue_full"  # the routers' code for a request past their queue's bound
-ROUTER = {"maxQueued": 8}  # per router: a burst of 32 overflows two of them
+# Per router: a burst of 32 overflows two of them; a request held from zero waits out an engine's cold start.
+ROUTER = {"maxQueued": 8, "queueTimeoutS": 60}
 
 
 def base_spec() -> dict[str, Any]:
@@ -60,7 +62,7 @@ def base_spec() -> dict[str, Any]:
             "image": "kvpilot/engine:cpu",
             "drainTimeoutSeconds": 3,
             "maxNumSeqs": 4,
-            "maxModelLen": 128,
+            "maxModelLen": 320,
             "extraArgs": ["--max-waiting-requests", "4"],
         },
         "resources": {"gpusPerReplica": 0, "cpu": "1", "memory": "2Gi", "shmSize": "64Mi"},
@@ -77,9 +79,12 @@ def base_spec() -> dict[str, Any]:
 
 
 class Scenarios:
+    name, engines, router = NAME, ENGINES, ROUTER
+
     def __init__(self, cluster: Cluster, client: SteadyClient) -> None:
         self.c, self.client = cluster, client
         self.spec = base_spec()
+        self.routing = RouterScenarios(self)
 
     async def _detail(self) -> str:
         status = await self.c.status(NAME)
@@ -410,6 +415,8 @@ class Scenarios:
             self.operator_restart,
             self.pod_killed,
             self.overload,
+            self.routing.affinity,
+            self.routing.autoscaling,
             self.kubectl,
             self.rbac,
         ]

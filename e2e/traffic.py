@@ -29,6 +29,7 @@ class Outcome:
     retry_after: str | None
     error: str
     events: int = 0  # data events received before the end: 0 means it failed before it started streaming
+    first_event: float | None = None  # monotonic time of the first data event: TTFT is first_event - started
 
     @property
     def cut_mid_stream(self) -> bool:
@@ -37,9 +38,9 @@ class Outcome:
 
 
 async def stream_completion(
-    http: httpx.AsyncClient, url: str, model: str, max_tokens: int, timeout_s: float
+    http: httpx.AsyncClient, url: str, model: str, max_tokens: int, timeout_s: float, prompt: str = "Hello there"
 ) -> Outcome:
-    body = {"model": model, "prompt": "Hello there", "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
     started = time.monotonic()
     status: int | None = None
     pod: str | None = None
@@ -54,16 +55,18 @@ async def stream_completion(
                 if status != 200:
                     text = (await response.aread()).decode(errors="replace")
                     return Outcome(started, time.monotonic(), status, False, False, pod, retry_after, text[:200])
-                done, events = False, 0
+                done, events, first = False, 0, None
                 async for line in response.aiter_lines():
                     if line == "data: [DONE]":
                         done = True
                     elif line.startswith("data: ") and '"error"' in line and "error" in json.loads(line[6:]):
-                        return Outcome(started, time.monotonic(), status, False, False, pod, None, line[:200], events)
+                        return Outcome(started, time.monotonic(), status, False, False, pod, None, line[:200], events,
+                                       first)
                     elif line.startswith("data: "):
                         events += 1
+                        first = first or time.monotonic()
                 error = "" if done else "stream ended without [DONE]"
-                return Outcome(started, time.monotonic(), status, done, False, pod, None, error, events)
+                return Outcome(started, time.monotonic(), status, done, False, pod, None, error, events, first)
     except TimeoutError:
         return Outcome(started, time.monotonic(), status, False, True, pod, None, f"no answer in {timeout_s}s")
     except httpx.HTTPError as exc:
@@ -99,6 +102,12 @@ class SteadyClient:
     async def stop(self) -> None:
         self._stopping = True
         await asyncio.gather(*self._tasks)
+        self._tasks = []
+
+    def resume(self) -> None:
+        """Start again after stop() (a scenario that needs the service idle pauses it)."""
+        self._stopping = False
+        self.start()
 
     def since(self, mark: float) -> list[Outcome]:
         return [o for o in self.outcomes if o.started >= mark]

@@ -1,0 +1,162 @@
+"""The router's and the autoscaler's e2e scenarios: prefix affinity against round-robin, and scaling up, down,
+to zero and back from it, each printing its figures. They drive the same cluster as scenarios.py, through it.
+
+Round-robin is the local Service proxy sending straight to the `<name>-engines` Service's pods, one request
+each in turn, as a ClusterIP Service without the routers would; the routed traffic goes through the stable
+Service, that is the routers. Prefix hits are the engines' own counters, read from each engine pod's /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from typing import Any
+
+import httpx
+
+from e2e.cluster import wait_for
+from e2e.report import Result, first_failure
+from e2e.traffic import Load, Outcome, burst, stream_completion
+
+GROUPS = 5  # not a multiple of the 3 replicas, so that round-robin does not pin each group to one engine
+ROUNDS = 5
+PREFIX_WORDS = 60  # about 250 demo tokens: 15 full blocks of 16, inside the e2e engines' maxModelLen of 320
+WORDS = ("alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta", "rho", "tau")
+HIT_RATIO_TARGET = 2.0
+SCALE_UP_LIMIT_S = 90.0  # the stated time: demand seen (one window) plus two engines' cold start, on 2 cores
+# The steady client's demand (about 4 output tokens/s) fits one replica; six streams of 32 tokens need three.
+AUTOSCALING = {"minReplicas": 1, "maxReplicas": 3, "goodputPerReplica": 6, "targetUtilization": 1.0,
+               "windowSeconds": 10, "scaleDownStabilizationSeconds": 15}
+
+
+def _prompts(seed: int) -> list[list[str]]:
+    """GROUPS groups of ROUNDS prompts, each group sharing a long prefix; a fresh seed, fresh prefixes."""
+    rng = random.Random(seed)
+    out = []
+    for g in range(GROUPS):
+        prefix = " ".join(rng.choice(WORDS) for _ in range(PREFIX_WORDS))
+        out.append([f"{prefix} {g} {r} {rng.choice(WORDS)}" for r in range(ROUNDS)])
+    return out
+
+
+def _ttft_ms(outcomes: list[Outcome]) -> float | None:
+    ttfts = [(o.first_event - o.started) * 1000 for o in outcomes if o.ok and o.first_event is not None]
+    return statistics.median(ttfts) if ttfts else None
+
+
+class RouterScenarios:
+    """Bound to the Scenarios object (`s`) for its cluster, steady client and helpers."""
+
+    def __init__(self, s: Any) -> None:
+        self.s = s
+        self.c = s.c
+
+    async def _engine_hits(self, revision: str) -> tuple[float, float]:
+        """(prefix-cache hit tokens, looked-up tokens) summed over the revision's engines, from their /metrics."""
+        hits = queries = 0.0
+        async with httpx.AsyncClient(timeout=5) as http:
+            for runner in self.c.node.pods_of(revision):
+                for line in (await http.get(f"{runner.url}/metrics")).text.splitlines():
+                    name = line.split("{", 1)[0].split(" ", 1)[0]
+                    if name == "kvpilot:prefix_cache_hits_total":
+                        hits += float(line.rsplit(" ", 1)[1])
+                    elif name == "kvpilot:prefix_cache_queries_total":
+                        queries += float(line.rsplit(" ", 1)[1])
+        return hits, queries
+
+    async def _shared_prefix_run(self, url: str, revision: str, seed: int) -> tuple[float, float | None, list[Outcome]]:
+        """Each round sends one request per group at once; returns (hit rate, TTFT p50 ms, outcomes)."""
+        groups = _prompts(seed)
+        hits0, queries0 = await self._engine_hits(revision)
+        outcomes: list[Outcome] = []
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30, connect=3)) as http:
+            for r in range(ROUNDS):
+                outcomes += await asyncio.gather(*(stream_completion(http, url, "demo", 4, 30, prompt=g[r])
+                                                   for g in groups))
+        hits1, queries1 = await self._engine_hits(revision)
+        rate = (hits1 - hits0) / (queries1 - queries0) if queries1 > queries0 else 0.0
+        return rate, _ttft_ms(outcomes), outcomes
+
+    async def affinity(self) -> Result:
+        result = Result("3 replicas, shared-prefix traffic: routers vs round-robin", False)
+        await self.s._replicas(3)
+        revision = (await self.c.status(self.s.name))["activeRevision"]
+        rr_rate, rr_ttft, rr = await self._shared_prefix_run(self.c.proxy.url(self.s.engines), revision, seed=1)
+        routed_rate, routed_ttft, routed = await self._shared_prefix_run(self.c.proxy.url(self.s.name), revision, 2)
+        failures = self.s._count(result, [*rr, *routed])
+        await self.s._replicas(1)
+        ratio = routed_rate / rr_rate if rr_rate else float("inf")
+        faster = routed_ttft is not None and rr_ttft is not None and routed_ttft < rr_ttft
+        result.passed = not failures and ratio >= HIT_RATIO_TARGET and faster
+        result.note = (f"{GROUPS} groups x {ROUNDS} rounds each: prefix hit rate {routed_rate:.1%} routed vs "
+                       f"{rr_rate:.1%} round-robin ({ratio:.1f}x, target >= {HIT_RATIO_TARGET:g}x); TTFT p50 "
+                       f"{routed_ttft or 0:.1f} ms routed vs {rr_ttft or 0:.1f} ms round-robin (lower: {faster})"
+                       + first_failure(failures))
+        return result
+
+    def _engines_ready(self) -> int:
+        return len(self.c.proxy.endpoints.get(self.s.engines, []))
+
+    async def autoscaling(self) -> Result:
+        """Demand ramps up then down (the steady client is the low demand), then idle to zero and back."""
+        result = Result("autoscaling: ramp up and down, to zero and back through the routers' queue", False)
+        await self.s._patch_spec(lambda spec: spec.update(autoscaling=dict(AUTOSCALING)))
+        mark = time.monotonic()
+        heavy = Load(self.c.proxy.url(self.s.name), "demo", workers=6, max_tokens=32)
+        heavy.start()
+        _, up_s = await wait_for(lambda: _at_least(self._engines_ready(), 3), SCALE_UP_LIMIT_S,
+                                 "3 replicas under demand", self.s._detail)
+        load = await heavy.stop()
+        in_mark = time.monotonic()
+        _, down_s = await wait_for(lambda: _at_most(self._engines_ready(), 1), 120, "back to 1 replica",
+                                   self.s._detail)
+        await asyncio.sleep(2)  # the last removed pod's drain
+        scale_in = self.s.client.since(in_mark)
+        ramp_failures = [o for o in [*load, *self.s.client.since(mark)] if not o.ok]
+
+        await self.s.client.stop()  # idle: nothing arrives
+        await self.s._patch_spec(lambda spec: spec["autoscaling"].update(minReplicas=0))
+        _, zero_s = await wait_for(lambda: _at_most(self._engines_ready(), 0), 120, "zero replicas", self.s._detail)
+        bound = 2 * self.s.router["maxQueued"]  # two routers, each its own queue
+        first_task = asyncio.ensure_future(_one(self.c.proxy.url(self.s.name)))
+        await asyncio.sleep(0.2)
+        crowd = await burst(self.c.proxy.url(self.s.name), "demo", n=bound + 8, max_tokens=4, timeout_s=60)
+        first = await first_task
+        refused = [o for o in crowd if o.status == 429]
+        served = [o for o in crowd if o.ok]
+        other = [o for o in crowd if not o.ok and o.status != 429]
+        self.s.client.resume()
+        await self.s._patch_spec(lambda spec: spec.update(autoscaling=None))
+        self.s.spec.pop("autoscaling", None)
+        await self.s._replicas(1)
+
+        cold_s = first.ended - first.started
+        result.sent = len(load) + len(crowd) + 1
+        result.failed = len(ramp_failures) + len(other) + (not first.ok)
+        result.passed = (first.ok and not ramp_failures and not [o for o in scale_in if not o.ok] and bool(refused)
+                         and all(o.retry_after for o in refused) and not other and up_s <= SCALE_UP_LIMIT_S)
+        result.note = (
+            f"1 -> 3 replicas {up_s:.0f}s after demand began (limit {SCALE_UP_LIMIT_S:.0f}s), {len(load)} requests; "
+            f"3 -> 1 {down_s:.0f}s after it stopped (window {AUTOSCALING['scaleDownStabilizationSeconds']}s), "
+            f"{sum(not o.ok for o in scale_in)} of {len(scale_in)} failed during scale-in; idle -> 0 in {zero_s:.0f}s; "
+            f"from zero the first request waited {cold_s:.1f}s and {'succeeded' if first.ok else 'FAILED'}; a burst "
+            f"of {len(crowd)} past the bound of {bound}: {len(served)} served, {len(refused)} got 429 (all with "
+            f"Retry-After: {all(o.retry_after for o in refused)}), {len(other)} other"
+            + first_failure([*ramp_failures, *other, *([] if first.ok else [first])])
+        )
+        return result
+
+
+async def _at_least(n: int, want: int) -> bool:
+    return n >= want
+
+
+async def _at_most(n: int, want: int) -> bool:
+    return n <= want
+
+
+async def _one(url: str) -> Outcome:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=3)) as http:
+        return await stream_completion(http, url, "demo", 4, 60)
