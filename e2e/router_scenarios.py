@@ -26,8 +26,8 @@ PREFIX_WORDS = 60  # about 250 demo tokens: 15 full blocks of 16, inside the e2e
 WORDS = ("alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta", "rho", "tau")
 HIT_RATIO_TARGET = 2.0
 SCALE_UP_LIMIT_S = 90.0  # the stated time: demand seen (one window) plus two engines' cold start, on 2 cores
-# The steady client's demand (about 4 output tokens/s) fits one replica; six streams of 32 tokens need three.
-AUTOSCALING = {"minReplicas": 1, "maxReplicas": 3, "goodputPerReplica": 6, "targetUtilization": 1.0,
+# A paced light load (about 16 output tokens/s) fits one replica; six unpaced streams of 32 tokens need three.
+AUTOSCALING = {"minReplicas": 1, "maxReplicas": 3, "goodputPerReplica": 40, "targetUtilization": 1.0,
                "windowSeconds": 10, "scaleDownStabilizationSeconds": 15}
 
 
@@ -100,11 +100,27 @@ class RouterScenarios:
         return len(self.c.proxy.endpoints.get(self.s.engines, []))
 
     async def autoscaling(self) -> Result:
-        """Demand ramps up then down (the steady client is the low demand), then idle to zero and back."""
+        """Demand ramps up then down, then idles to zero and comes back. The steady client pauses meanwhile: its
+        demand would depend on how fast the engines answer it, a paced light load does not."""
         result = Result("autoscaling: ramp up and down, to zero and back through the routers' queue", False)
+        url = self.c.proxy.url(self.s.name)
+        light = Load(url, "demo", workers=1, max_tokens=4, pause_s=0.25)
+        heavy = Load(url, "demo", workers=6, max_tokens=32)
+        await self.s.client.stop()
+        try:
+            await self._autoscale(result, url, light, heavy)
+        finally:  # whatever happened, the later scenarios get the service as it was
+            await heavy.stop()
+            await light.stop()
+            self.s.client.resume()
+            await self.s._patch_spec(lambda spec: spec.update(autoscaling=None))
+            self.s.spec.pop("autoscaling", None)
+            await self.s._replicas(1)
+        return result
+
+    async def _autoscale(self, result: Result, url: str, light: Load, heavy: Load) -> None:
+        light.start()
         await self.s._patch_spec(lambda spec: spec.update(autoscaling=dict(AUTOSCALING)))
-        mark = time.monotonic()
-        heavy = Load(self.c.proxy.url(self.s.name), "demo", workers=6, max_tokens=32)
         heavy.start()
         _, up_s = await wait_for(lambda: _at_least(self._engines_ready(), 3), SCALE_UP_LIMIT_S,
                                  "3 replicas under demand", self.s._detail)
@@ -113,27 +129,23 @@ class RouterScenarios:
         _, down_s = await wait_for(lambda: _at_most(self._engines_ready(), 1), 120, "back to 1 replica",
                                    self.s._detail)
         await asyncio.sleep(2)  # the last removed pod's drain
-        scale_in = self.s.client.since(in_mark)
-        ramp_failures = [o for o in [*load, *self.s.client.since(mark)] if not o.ok]
+        paced = await light.stop()
+        scale_in = [o for o in paced if o.started >= in_mark]
+        ramp_failures = [o for o in [*load, *paced] if not o.ok]
 
-        await self.s.client.stop()  # idle: nothing arrives
-        await self.s._patch_spec(lambda spec: spec["autoscaling"].update(minReplicas=0))
+        await self.s._patch_spec(lambda spec: spec["autoscaling"].update(minReplicas=0))  # idle: nothing arrives
         _, zero_s = await wait_for(lambda: _at_most(self._engines_ready(), 0), 120, "zero replicas", self.s._detail)
         bound = 2 * self.s.router["maxQueued"]  # two routers, each its own queue
-        first_task = asyncio.ensure_future(_one(self.c.proxy.url(self.s.name)))
+        first_task = asyncio.ensure_future(_one(url))
         await asyncio.sleep(0.2)
-        crowd = await burst(self.c.proxy.url(self.s.name), "demo", n=bound + 8, max_tokens=4, timeout_s=60)
+        crowd = await burst(url, "demo", n=bound + 8, max_tokens=4, timeout_s=60)
         first = await first_task
         refused = [o for o in crowd if o.status == 429]
         served = [o for o in crowd if o.ok]
         other = [o for o in crowd if not o.ok and o.status != 429]
-        self.s.client.resume()
-        await self.s._patch_spec(lambda spec: spec.update(autoscaling=None))
-        self.s.spec.pop("autoscaling", None)
-        await self.s._replicas(1)
 
         cold_s = first.ended - first.started
-        result.sent = len(load) + len(crowd) + 1
+        result.sent = len(load) + len(paced) + len(crowd) + 1
         result.failed = len(ramp_failures) + len(other) + (not first.ok)
         result.passed = (first.ok and not ramp_failures and not [o for o in scale_in if not o.ok] and bool(refused)
                          and all(o.retry_after for o in refused) and not other and up_s <= SCALE_UP_LIMIT_S)
@@ -142,11 +154,11 @@ class RouterScenarios:
             f"3 -> 1 {down_s:.0f}s after it stopped (window {AUTOSCALING['scaleDownStabilizationSeconds']}s), "
             f"{sum(not o.ok for o in scale_in)} of {len(scale_in)} failed during scale-in; idle -> 0 in {zero_s:.0f}s; "
             f"from zero the first request waited {cold_s:.1f}s and {'succeeded' if first.ok else 'FAILED'}; a burst "
-            f"of {len(crowd)} past the bound of {bound}: {len(served)} served, {len(refused)} got 429 (all with "
+            f"of {len(crowd)} past the bound of {bound}: {len(served)} served, {len(refused)} got 429 "
+            f"({sum('queue_full' in o.error for o in refused)} at the routers' bound; all with "
             f"Retry-After: {all(o.retry_after for o in refused)}), {len(other)} other"
             + first_failure([*ramp_failures, *other, *([] if first.ok else [first])])
         )
-        return result
 
 
 async def _at_least(n: int, want: int) -> bool:

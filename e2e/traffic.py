@@ -125,8 +125,10 @@ class Load:
     """`workers` loops of streaming requests until stop(), which returns every outcome: load of a given shape for
     as long as a scenario needs it."""
 
-    def __init__(self, url: str, model: str, workers: int, max_tokens: int, timeout_s: float = 60) -> None:
+    def __init__(self, url: str, model: str, workers: int, max_tokens: int, timeout_s: float = 60,
+                 pause_s: float = 0.0) -> None:
         self.url, self.model, self.workers, self.max_tokens, self.timeout_s = url, model, workers, max_tokens, timeout_s
+        self.pause_s = pause_s  # between one worker's requests: a paced, light load
         self.outcomes: list[Outcome] = []
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -139,8 +141,11 @@ class Load:
             while not self._stopping.is_set():
                 self.outcomes.append(await stream_completion(http, self.url, self.model, self.max_tokens,
                                                              self.timeout_s))
+                if self.pause_s:
+                    await asyncio.sleep(self.pause_s)
 
     async def stop(self) -> list[Outcome]:
+        """Idempotent: a second call returns the same outcomes."""
         self._stopping.set()
         await asyncio.gather(*self._tasks)
         return self.outcomes
