@@ -15,8 +15,10 @@ import time
 from typing import Any
 
 import httpx
+from kvpilot.operator.router_resources import COMPONENT
 
 from e2e.cluster import wait_for
+from e2e.pod import PodRunner
 from e2e.report import Result, first_failure
 from e2e.traffic import Load, Outcome, burst, stream_completion
 
@@ -52,6 +54,26 @@ class RouterScenarios:
     def __init__(self, s: Any) -> None:
         self.s = s
         self.c = s.c
+
+    def _routers(self) -> list[PodRunner]:
+        return [r for pod, r in list(self.c.node.runners.items())
+                if self.c.node.labels.get(pod, {}).get(COMPONENT) == "router" and r.ready]
+
+    async def in_flight_on(self, engine: str) -> int:
+        """Requests the routers have on one engine now (their /router/backends)."""
+        async with httpx.AsyncClient(timeout=5) as http:
+            pools = [(await http.get(f"{r.url}/router/backends")).json() for r in self._routers()]
+        return sum(b["in_flight"] for pool in pools for b in pool if b["name"] == engine)
+
+    async def router_metric(self, name: str) -> float:
+        """A counter summed over the router pods, read from their /metrics."""
+        total = 0.0
+        async with httpx.AsyncClient(timeout=5) as http:
+            for runner in self._routers():
+                for line in (await http.get(f"{runner.url}/metrics")).text.splitlines():
+                    if line.split("{", 1)[0].split(" ", 1)[0] == name:
+                        total += float(line.rsplit(" ", 1)[1])
+        return total
 
     async def _engine_hits(self, revision: str) -> tuple[float, float]:
         """(prefix-cache hit tokens, looked-up tokens) summed over the revision's engines, from their /metrics."""

@@ -12,13 +12,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 from kvpilot.operator.resources import LABEL_REVISION, deployment_name
-from kvpilot.operator.router_resources import COMPONENT
 
 from e2e.cluster import Cluster, condition, wait_for
 from e2e.kubectl import kubectl_scenario
-from e2e.pod import PodRunner
 from e2e.rbac import rbac_result
 from e2e.report import Result, first_failure
 from e2e.router_scenarios import RouterScenarios
@@ -317,7 +314,7 @@ class Scenarios:
         await self._replicas(2)
         active = (await self.c.status(NAME))["activeRevision"]
         victim = self.c.node.pods_of(active)[0]
-        retries_before = await self._router_metric("kvpilot:router_retries_total")
+        retries_before = await self.routing.router_metric("kvpilot:router_retries_total")
         mark = time.monotonic()
         # Longer streams beside the steady ones, so that some are mid-stream on the victim when it dies: it is
         # killed once the routers have requests in flight on it.
@@ -325,7 +322,7 @@ class Scenarios:
         load.start()
 
         async def busy() -> bool:
-            return await self._in_flight_on(victim.name) >= 2
+            return await self.routing.in_flight_on(victim.name) >= 2
 
         await wait_for(busy, 30, f"requests in flight on {victim.name}", self._detail)
         victim.kill_container()
@@ -337,7 +334,7 @@ class Scenarios:
         await asyncio.sleep(1)
         outcomes = [*self.client.since(mark), *await load.stop()]
         failures = self._count(result, outcomes)
-        retried = await self._router_metric("kvpilot:router_retries_total") - retries_before
+        retried = await self.routing.router_metric("kvpilot:router_retries_total") - retries_before
         mid_stream = [o for o in failures if o.cut_mid_stream]
         before_streaming = [o for o in failures if not o.cut_mid_stream]
         hangs = [o for o in failures if o.hang]
@@ -351,26 +348,6 @@ class Scenarios:
             + first_failure(before_streaming)
         )
         return result
-
-    def _routers(self) -> list[PodRunner]:
-        return [r for pod, r in list(self.c.node.runners.items())
-                if self.c.node.labels.get(pod, {}).get(COMPONENT) == "router" and r.ready]
-
-    async def _in_flight_on(self, engine: str) -> int:
-        """Requests the routers have on one engine now (their /router/backends)."""
-        async with httpx.AsyncClient(timeout=5) as http:
-            pools = [(await http.get(f"{r.url}/router/backends")).json() for r in self._routers()]
-        return sum(b["in_flight"] for pool in pools for b in pool if b["name"] == engine)
-
-    async def _router_metric(self, name: str) -> float:
-        """A counter summed over the router pods, read from their /metrics."""
-        total = 0.0
-        async with httpx.AsyncClient(timeout=5) as http:
-            for runner in self._routers():
-                for line in (await http.get(f"{runner.url}/metrics")).text.splitlines():
-                    if line.split("{", 1)[0].split(" ", 1)[0] == name:
-                        total += float(line.rsplit(" ", 1)[1])
-        return total
 
     async def overload(self) -> Result:
         result = Result("overload -> the routers' bounded queue, then 429 with Retry-After", False)
