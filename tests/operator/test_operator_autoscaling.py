@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .conftest import NAMESPACE, isvc
 from .emulator import Emulator
-from .flows import create, deploy_ready, event_reasons, isvc_status, mark_ready
+from .flows import create, deploy_ready, event_reasons, isvc_status, mark_ready, patch_spec
 from .harness import FakePrometheus, eventually
 
 
@@ -55,3 +55,23 @@ async def test_without_prometheus_the_count_holds_within_the_bounds(emulator, st
     await eventually(lambda: replicas(em, f"llm-{revision}") == 2, what="minReplicas")
     status = isvc_status(em, "llm")["autoscaling"]
     assert status["reason"] == "SignalUnavailable" and "no Prometheus" in status["message"]
+
+
+async def test_a_rollouts_candidate_comes_up_at_the_autoscaled_count(emulator, start_operator, api, operator_config):
+    em, _ = emulator
+    prometheus = FakePrometheus({"router_requests_received": "2", "router_queue_depth": "0",
+                                 "num_requests_waiting": "0", "generation_tokens": "200", "request_success": "2"})
+    operator_config.allowed_prometheus_urls.append(prometheus.url)
+    operator_config.autoscale_refresh_seconds = 0.2
+    try:
+        start_operator()
+        await create(api, isvc("llm", replicas=1, monitoring={"prometheusUrl": prometheus.url},
+                               autoscaling={"maxReplicas": 4, "goodputPerReplica": 100, "targetUtilization": 1.0}))
+        old = await deploy_ready(api, em, "llm")
+        await eventually(lambda: replicas(em, f"llm-{old}") == 2, what="2 replicas for 200 tokens/s")
+        await patch_spec(api, "llm", {"model": {"revision": "r2"}})
+        new = await eventually(lambda: isvc_status(em, "llm").get("candidateRevision"), what="candidate")
+        await eventually(lambda: replicas(em, f"llm-{new}") is not None, what="the candidate's Deployment")
+        assert replicas(em, f"llm-{new}") == 2 == replicas(em, f"llm-{old}")  # not spec.replicas (1)
+    finally:
+        prometheus.close()
