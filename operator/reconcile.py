@@ -250,6 +250,8 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
     if spec.autoscaling is not None:
         parts["autoscaling"] = _autoscale(applier, previous, name, spec, config, at)
         spec = spec.model_copy(update={"replicas": _scaled_replicas(previous, parts["autoscaling"])})
+    elif previous.autoscaling is not None:  # turned off: spec.replicas serves again, and status says no more
+        parts["autoscaling"] = Part(fields={"autoscaling": None})
     checks = LiveChecks(applier, spec, name, config)
     slo_checks = policy.prometheus_url(spec, config) is not None
     parts["rollout"] = rollout.advance(previous, spec, desired, checks, at, slo_checks)

@@ -55,6 +55,9 @@ async def test_without_prometheus_the_count_holds_within_the_bounds(emulator, st
     await eventually(lambda: replicas(em, f"llm-{revision}") == 2, what="minReplicas")
     status = isvc_status(em, "llm")["autoscaling"]
     assert status["reason"] == "SignalUnavailable" and "no Prometheus" in status["message"]
+    await patch_spec(api, "llm", {"autoscaling": None, "replicas": 1})  # off again: spec.replicas serves
+    await eventually(lambda: replicas(em, f"llm-{revision}") == 1, what="spec.replicas again")
+    await eventually(lambda: "autoscaling" not in isvc_status(em, "llm"), what="status.autoscaling cleared")
 
 
 async def test_a_rollouts_candidate_comes_up_at_the_autoscaled_count(emulator, start_operator, api, operator_config):
