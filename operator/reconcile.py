@@ -48,11 +48,18 @@ def spec_error_message(exc: ValidationError) -> str:
 class LiveChecks:
     """Observations for the state machine, read from the cluster and the preview Service."""
 
-    def __init__(self, applier: Applier, spec: InferenceServiceSpec, name: str, config: OperatorConfig) -> None:
+    def __init__(self, applier: Applier, spec: InferenceServiceSpec, name: str, config: OperatorConfig,
+                 scaling_up: str | None = None) -> None:
         self.applier, self.spec, self.name, self.config = applier, spec, name, config
+        self.scaling_up = scaling_up  # the revision the autoscaler added replicas to within their ready timeout
 
     def ready(self, revision: str) -> bool:
-        return res.deployment_ready(self.applier.get("Deployment", res.deployment_name(self.name, revision)))
+        """Every replica ready; while the autoscaler's new replicas start (within readyTimeoutSeconds), one is
+        enough: a scale-up is not a fault, and past that timeout the missing replicas are Degraded again."""
+        deployment = self.applier.get("Deployment", res.deployment_name(self.name, revision))
+        if revision == self.scaling_up and ((deployment or {}).get("status") or {}).get("readyReplicas"):
+            return True
+        return res.deployment_ready(deployment)
 
     def smoke(self) -> CheckResult:
         url = self.config.service_url(res.preview_service_name(self.name), self.applier.namespace, res.PORT)
@@ -184,6 +191,17 @@ def _scaled_replicas(previous: InferenceServiceStatus, part: Part) -> int:
     return desired
 
 
+def _scaling_up(previous: InferenceServiceStatus, part: Part | None, spec: InferenceServiceSpec,
+                at: dt.datetime) -> str | None:
+    """The active revision, while the autoscaler's last change was an increase made less than readyTimeoutSeconds
+    ago and it still wants more replicas than are ready."""
+    auto = part.fields.get("autoscaling") if part else None
+    if auto is None or auto.last_scale_time is None or previous.active_revision is None:
+        return None
+    recent = (at - auto.last_scale_time).total_seconds() < spec.rollout.ready_timeout_seconds
+    return previous.active_revision if recent and auto.desired_replicas > auto.current_replicas else None
+
+
 def _invalid_spec(status: InferenceServiceStatus, message: str, reason: str = "InvalidSpec") -> Part:
     part = Part(phase="Failed" if status.active_revision is None else "Degraded")
     previous = status.condition("Ready")
@@ -252,7 +270,7 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
         spec = spec.model_copy(update={"replicas": _scaled_replicas(previous, parts["autoscaling"])})
     elif previous.autoscaling is not None:  # turned off: spec.replicas serves again, and status says no more
         parts["autoscaling"] = Part(fields={"autoscaling": None})
-    checks = LiveChecks(applier, spec, name, config)
+    checks = LiveChecks(applier, spec, name, config, _scaling_up(previous, parts.get("autoscaling"), spec, at))
     slo_checks = policy.prometheus_url(spec, config) is not None
     parts["rollout"] = rollout.advance(previous, spec, desired, checks, at, slo_checks)
     after_rollout = apply(previous, parts, generation)  # what tuning and the children follow

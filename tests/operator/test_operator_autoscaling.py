@@ -6,7 +6,7 @@ from __future__ import annotations
 from .conftest import NAMESPACE, isvc
 from .emulator import Emulator
 from .flows import create, deploy_ready, event_reasons, isvc_status, mark_ready, patch_spec
-from .harness import FakePrometheus, eventually
+from .harness import FakePrometheus, eventually, wait_passes
 
 
 def replicas(em: Emulator, deployment: str) -> int | None:
@@ -30,10 +30,14 @@ async def test_demand_scales_the_active_revision_up_then_down_after_the_window(
         revision = await deploy_ready(api, em, "llm")
         deployment = f"llm-{revision}"
         await eventually(lambda: replicas(em, deployment) == 3, what="3 replicas for 300 tokens/s at 100 each")
-        status = isvc_status(em, "llm")["autoscaling"]
-        assert status["desiredReplicas"] == 3 and status["reason"] == "Demand"
+        # The pass applies children before it writes status.
+        status = await eventually(lambda: (a := isvc_status(em, "llm")["autoscaling"])["desiredReplicas"] == 3 and a,
+                                  what="status.autoscaling at 3")
+        assert status["reason"] == "Demand"
         assert "300.0 output tokens/s demanded" in status["message"]
         await eventually(lambda: "ScaledUp" in event_reasons(em, "llm"), what="a ScaledUp Event")
+        await wait_passes(em, "llm", 3)  # the new replicas are starting: that is no fault
+        assert isvc_status(em, "llm")["phase"] == "Ready" and "PhaseDegraded" not in event_reasons(em, "llm")
         await mark_ready(api, em, deployment)
         await eventually(lambda: isvc_status(em, "llm")["autoscaling"]["currentReplicas"] == 3, what="3 serving")
 
