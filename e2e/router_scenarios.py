@@ -24,9 +24,10 @@ from e2e.traffic import Load, Outcome, burst, stream_completion
 
 GROUPS = 5  # not a multiple of the 3 replicas, so that round-robin does not pin each group to one engine
 ROUNDS = 6
-PREFIX_WORDS = 60  # about 250 demo tokens: 15 full blocks of 16, inside the e2e engines' maxModelLen of 320
+PREFIX_WORDS = 200  # about 840 demo tokens (53 blocks of 16), inside the e2e engines' maxModelLen of 1024:
+# long enough that recomputing it costs more than the routers' hop
 WORDS = ("alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta", "rho", "tau")
-KV_BLOCKS = 64  # per engine: three running requests of a group (17 blocks each) or about four cached prefixes
+KV_BLOCKS = 192  # per engine: about three groups' prefixes (53 blocks each) with their requests running
 HIT_RATIO_TARGET = 2.0
 SCALE_UP_LIMIT_S = 90.0  # the stated time: demand seen (one window) plus two engines' cold start, on 2 cores
 # A paced light load (about 16 output tokens/s) fits one replica; six unpaced streams of 32 tokens need three.

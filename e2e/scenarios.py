@@ -59,7 +59,7 @@ def base_spec() -> dict[str, Any]:
             "image": "kvpilot/engine:cpu",
             "drainTimeoutSeconds": 3,
             "maxNumSeqs": 4,
-            "maxModelLen": 320,
+            "maxModelLen": 1024,
             "extraArgs": ["--max-waiting-requests", "4"],
         },
         "resources": {"gpusPerReplica": 0, "cpu": "1", "memory": "2Gi", "shmSize": "64Mi"},
