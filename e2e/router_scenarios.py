@@ -22,12 +22,12 @@ from e2e.pod import PodRunner
 from e2e.report import Result, first_failure
 from e2e.traffic import Load, Outcome, burst, stream_completion
 
-GROUPS = 5  # not a multiple of the 3 replicas, so that round-robin does not pin each group to one engine
+GROUPS = 8  # not a multiple of the 3 replicas, so that round-robin does not pin each group to one engine
 ROUNDS = 6
-PREFIX_WORDS = 200  # about 840 demo tokens (53 blocks of 16), inside the e2e engines' maxModelLen of 1024:
+PREFIX_WORDS = 200  # about 890 demo tokens (56 blocks of 16), inside the e2e engines' maxModelLen of 1024:
 # long enough that recomputing it costs more than the routers' hop
 WORDS = ("alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta", "rho", "tau")
-KV_BLOCKS = 192  # per engine: about three groups' prefixes (53 blocks each) with their requests running
+KV_BLOCKS = 192  # per engine: about three groups' prefixes (56 blocks each) with their requests running
 HIT_RATIO_TARGET = 2.0
 SCALE_UP_LIMIT_S = 90.0  # the stated time: demand seen (one window) plus two engines' cold start, on 2 cores
 # A paced light load (about 16 output tokens/s) fits one replica; six unpaced streams of 32 tokens need three.
@@ -124,7 +124,7 @@ class RouterScenarios:
 
     async def affinity(self) -> Result:
         """Under cache pressure, as with many prompt groups in production: each engine's pool (KV_BLOCKS) holds
-        about three of the five groups' prefixes, so round-robin, which shows every engine every group, keeps
+        about three of the eight groups' prefixes, so round-robin, which shows every engine every group, keeps
         evicting them, while the routers give each engine its own groups."""
         result = Result("3 replicas, shared-prefix traffic: routers vs round-robin", False)
         revision = await self._revision_with(lambda engine: engine.update(numKvBlocks=KV_BLOCKS), 3)
