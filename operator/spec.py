@@ -231,7 +231,8 @@ class AutoscalingSpec(CRDModel):
         default=0, ge=0, le=3600, description="Scale up to the lowest recommendation of this window (0: at once).")
     scale_down_stabilization_seconds: int = Field(
         default=120, ge=0, le=3600, description="Scale down only to the highest recommendation of this window, so "
-        "replicas do not flap.")
+        "replicas do not flap. Status keeps the last 64 recommendations: at the operator's default 5 s refresh a "
+        "window covers at most 320 s.")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
