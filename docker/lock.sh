@@ -2,7 +2,7 @@
 # Regenerates the images' hash-locked requirements (docker/requirements/IMAGE.txt) from their IMAGE.in files,
 # for the images' platform: CPython 3.11 on Linux x86_64 (manylinux_2_28). Run from anywhere:
 #   docker/lock.sh                 # every image
-#   docker/lock.sh operator        # one image
+#   docker/lock.sh operator        # one image (engine, engine-cpu, operator, router)
 # Needs uv (`pip install uv`) and PyPI. pyproject.toml's version floors (dependencies and build requirements)
 # apply as constraints, so an image never locks a version the package does not accept. The CPU build of torch
 # is only on PyTorch's CPU index: TORCH_CPU_FIND_LINKS overrides where uv finds it (a directory holding
@@ -37,11 +37,11 @@ lock() {  # IMAGE [uv options...]
 }
 
 images=("$@")
-((${#images[@]})) || images=(engine engine-cpu operator)
+((${#images[@]})) || images=(engine engine-cpu operator router)
 for image in "${images[@]}"; do
   case $image in
     engine-cpu) lock "$image" --find-links "$torch_cpu" ;;
-    engine | operator) lock "$image" ;;
-    *) echo "unknown image: $image (engine, engine-cpu, operator)" >&2; exit 2 ;;
+    engine | operator | router) lock "$image" ;;
+    *) echo "unknown image: $image (engine, engine-cpu, operator, router)" >&2; exit 2 ;;
   esac
 done

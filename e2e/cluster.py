@@ -75,7 +75,8 @@ class Cluster:
         self.prometheus = Prometheus(self.workdir)
         await self.prometheus.start()
         self._stack.callback(self.prometheus.stop)
-        self.node = Node(self.kube, self.workdir, self.time_scale, self._on_pods)
+        self.kubeconfig = kubeconfig = write_kubeconfig(self.workdir / "kubeconfig", url, NAMESPACE)
+        self.node = Node(self.kube, self.workdir, self.time_scale, self._on_pods, kubeconfig)
         self.node.start()
         self._stack.push_async_callback(self.node.stop)
         self.jobs = JobController(self.kube, self.workdir)
@@ -84,7 +85,6 @@ class Cluster:
         self.proxy = ServiceProxy(self.kube)
         await self.proxy.start()
         self._stack.push_async_callback(self.proxy.stop)
-        self.kubeconfig = kubeconfig = write_kubeconfig(self.workdir / "kubeconfig", url, NAMESPACE)
         env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
         env.update(
             KUBECONFIG=str(kubeconfig),
@@ -92,6 +92,7 @@ class Cluster:
             KVPILOT_RESYNC_SECONDS="1",
             KVPILOT_SLO_REFRESH_SECONDS="2",
             KVPILOT_SLO_WINDOW_SECONDS="30",
+            KVPILOT_AUTOSCALE_REFRESH_SECONDS="1",
             KVPILOT_SCRAPE_INTERVAL_SECONDS=str(SCRAPE_INTERVAL_S),
             KVPILOT_PROMETHEUS_URL=self.prometheus.url,  # the operator's own: a user's spec may not pick one
         )

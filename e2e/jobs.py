@@ -81,6 +81,7 @@ def pod_status(runner: JobPodRunner) -> dict[str, Any]:
     container = {
         "name": runner.container.get("name", ""),
         "image": runner.container.get("image", ""),
+        "imageID": "",  # a kubelet reports it; the kubernetes client requires it
         "restartCount": 0,
     }
     done = runner.terminated

@@ -1,9 +1,10 @@
 """The local node: the Deployment controller and the kubelet in one loop, talking only through the API.
 
-Each pass lists Deployments and Pods, creates Pod objects (owned by their Deployment) and starts a
-`PodRunner` for each, terminates the runners whose Pod object is gone (deleted, or garbage-collected
-with its Deployment), and writes Pod and Deployment status back. Template changes roll with
-maxSurge 1 / maxUnavailable 0, as the operator's Deployments ask. It acts only on the Pods it created:
+Each pass lists Deployments and Pods, creates Pod objects (owned by their Deployment, their container port the
+loopback port the process got) and starts a `PodRunner` for each (one that mounts its ServiceAccount token
+gets the harness's kubeconfig, standing in for it), terminates the runners whose Pod object is gone (deleted,
+or garbage-collected with its Deployment), and writes Pod and Deployment status back. Template changes roll
+with maxSurge 1 / maxUnavailable 0, as the operator's Deployments ask. It acts only on the Pods it created:
 a Job's pods are `JobController`'s (e2e/jobs.py), and only this node's serving pods go to Prometheus.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -29,6 +31,15 @@ HASH_LABEL = "pod-template-hash"
 PORT_ANNOTATION = "e2e.kvpilot.dev/port"
 
 
+def _on_port(pod_spec: dict[str, Any], port: int) -> dict[str, Any]:
+    """The pod's spec with its first container's ports on the loopback port its process got: a named targetPort
+    then resolves to it, as it would to the containerPort in a cluster (each pod has an address of its own)."""
+    spec = copy.deepcopy(pod_spec)
+    for item in spec["containers"][0].get("ports") or []:
+        item["containerPort"] = port
+    return spec
+
+
 def template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -37,10 +48,12 @@ class Node(ControllerLoop):
     name = "node"
 
     def __init__(
-        self, kube: Kube, log_dir: Path, time_scale: float, on_pods: Callable[[list[PodRunner]], None]
+        self, kube: Kube, log_dir: Path, time_scale: float, on_pods: Callable[[list[PodRunner]], None],
+        kubeconfig: Path | None = None,
     ) -> None:
         super().__init__()
         self.kube, self.log_dir, self.time_scale, self.on_pods = kube, log_dir, time_scale, on_pods
+        self.kubeconfig = kubeconfig
         self.runners: dict[str, PodRunner] = {}
         self.owner: dict[str, str] = {}  # pod -> deployment
         self.revision: dict[str, str] = {}  # pod -> kvpilot.dev/revision label
@@ -104,7 +117,7 @@ class Node(ControllerLoop):
     async def _create_pod(self, deployment: dict[str, Any], current: str) -> None:
         meta, template = deployment["metadata"], deployment["spec"]["template"]
         name = f"{meta['name']}-{current[:5]}-{uuid.uuid4().hex[:5]}"
-        runner = PodRunner(name, template["spec"], self.log_dir, self.time_scale)
+        runner = PodRunner(name, template["spec"], self.log_dir, self.time_scale, self._credentials(template["spec"]))
         labels = {**(template.get("metadata") or {}).get("labels", {}), HASH_LABEL: current}
         if not selector_matches(deployment["spec"]["selector"]["matchLabels"], labels):
             raise ValueError(f"Deployment {meta['name']}: selector does not match its template's labels")
@@ -124,7 +137,7 @@ class Node(ControllerLoop):
                 "annotations": {PORT_ANNOTATION: str(runner.port)},
                 "ownerReferences": [owner],
             },
-            "spec": template["spec"],
+            "spec": _on_port(template["spec"], runner.port),
         }
         await self.kube.create("Pod", pod)
         self.runners[name], self.owner[name], self.hashes[name] = runner, meta["name"], current
@@ -133,14 +146,22 @@ class Node(ControllerLoop):
         runner.start()
         log.info("pod %s: started on port %d", name, runner.port)
 
+    def _credentials(self, pod_spec: dict[str, Any]) -> dict[str, str]:
+        """A pod that mounts its ServiceAccount token reaches the API server: here through the kubeconfig, which
+        stands in for the token and the in-cluster address. One that does not mount it gets no way in."""
+        if self.kubeconfig is None or pod_spec.get("automountServiceAccountToken") is False:
+            return {}
+        return {"KUBECONFIG": str(self.kubeconfig)}
+
     async def _publish_pod(self, name: str, runner: PodRunner) -> None:
         ready = "True" if runner.ready else "False"
         status = {
             "phase": "Running",
             "podIP": "127.0.0.1",
             "conditions": [{"type": "Ready", "status": ready}, {"type": "ContainersReady", "status": ready}],
-            "containerStatuses": [
-                {"name": "engine", "ready": runner.ready, "restartCount": runner.restarts, "started": True}
+            "containerStatuses": [  # image and imageID: a kubelet always reports them (the client requires them)
+                {"name": runner.container["name"], "ready": runner.ready, "restartCount": runner.restarts,
+                 "started": True, "image": runner.container.get("image", ""), "imageID": ""}
             ],
         }
         if self._published.get(name) != status:

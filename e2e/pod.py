@@ -86,13 +86,14 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
 
 
 class PodRunner:
-    def __init__(self, name: str, template_spec: dict[str, Any], log_dir: Path, time_scale: float) -> None:
+    def __init__(self, name: str, template_spec: dict[str, Any], log_dir: Path, time_scale: float,
+                 credentials: dict[str, str] | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.container = template_spec["containers"][0]
         self.grace_s = float(template_spec.get("terminationGracePeriodSeconds", 30))
         self.command = container_command(self.container, template_spec.get("volumes") or [], self.port)
-        self.env = container_env(self.container)
+        self.env = {**container_env(self.container), **(credentials or {})}
         self.startup = Probe.of(self.container.get("startupProbe"), time_scale)
         self.readiness = Probe.of(self.container.get("readinessProbe"), time_scale)
         self.liveness = Probe.of(self.container.get("livenessProbe"), time_scale)

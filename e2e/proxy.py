@@ -27,7 +27,7 @@ from e2e.node import PORT_ANNOTATION
 
 log = logging.getLogger(__name__)
 POD_HEADER = "X-E2E-Pod"
-PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
+PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control", "x-kvpilot-engine", "x-kvpilot-route")
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> aiohttp.web.Response:

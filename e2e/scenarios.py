@@ -18,9 +18,11 @@ from e2e.cluster import Cluster, condition, wait_for
 from e2e.kubectl import kubectl_scenario
 from e2e.rbac import rbac_result
 from e2e.report import Result, first_failure
-from e2e.traffic import Outcome, SteadyClient, burst
+from e2e.router_scenarios import RouterScenarios
+from e2e.traffic import Load, Outcome, SteadyClient, burst
 
 NAME = "demo"
+ENGINES = f"{NAME}-engines"
 MODEL = "demo"
 READY_TIMEOUT_S = 90
 BROKEN_READY_TIMEOUT_S = 15
@@ -45,6 +47,9 @@ TUNING: dict[str, Any] = {
     },
 }
 REFUSAL_LIMIT_S = 10.0  # a refusal must come fast; only contention on 2 shared cores makes it take seconds
+QUEUE_FULL = "queue_full"  # the routers' code for a request past their queue's bound
+# Per router: a burst of 32 overflows two of them; a request held from zero waits out an engine's cold start.
+ROUTER = {"maxQueued": 8, "queueTimeoutS": 60}
 
 
 def base_spec() -> dict[str, Any]:
@@ -54,11 +59,12 @@ def base_spec() -> dict[str, Any]:
             "image": "kvpilot/engine:cpu",
             "drainTimeoutSeconds": 3,
             "maxNumSeqs": 4,
-            "maxModelLen": 128,
+            "maxModelLen": 1024,
             "extraArgs": ["--max-waiting-requests", "4"],
         },
         "resources": {"gpusPerReplica": 0, "cpu": "1", "memory": "2Gi", "shmSize": "64Mi"},
         "replicas": 1,
+        "router": dict(ROUTER),
         "slo": {"ttftP95Ms": 5000, "itlP95Ms": 2000},
         "rollout": {
             "readyTimeoutSeconds": READY_TIMEOUT_S,
@@ -70,9 +76,12 @@ def base_spec() -> dict[str, Any]:
 
 
 class Scenarios:
+    name, engines, router = NAME, ENGINES, ROUTER
+
     def __init__(self, cluster: Cluster, client: SteadyClient) -> None:
         self.c, self.client = cluster, client
         self.spec = base_spec()
+        self.routing = RouterScenarios(self)
 
     async def _detail(self) -> str:
         status = await self.c.status(NAME)
@@ -83,7 +92,8 @@ class Scenarios:
         await self.c.kube.patch("InferenceService", NAME, {"spec": copy.deepcopy(self.spec)})
 
     def _stable_revision(self) -> str | None:
-        return self.c.proxy.selectors.get(NAME, {}).get(LABEL_REVISION)
+        """The revision the routers serve: what the engines Service selects (the operator switches it)."""
+        return self.c.proxy.selectors.get(ENGINES, {}).get(LABEL_REVISION)
 
     async def _switch(self, old: str, since: float, result: Result, existing: set[str]) -> None:
         """Times, from `since`, until a pod of a revision not in `existing` (what the node ran before the change,
@@ -236,6 +246,7 @@ class Scenarios:
         current, rolled_back_s = await wait_for(rolled_back, 90, "automatic rollback", self._detail)
         failed_revision = current["failedRevision"]
         routed = sum(n for pod, n in self.c.proxy.routed.items() if self.c.node.revision.get(pod) == failed_revision)
+        routed += sum(self.c.node.revision.get(o.pod or "") == failed_revision for o in self.client.since(mark))
         degraded = condition(current, "Degraded")
         candidate_gone = await self.c.kube.get("Deployment", deployment_name(NAME, failed_revision)) is None
 
@@ -294,61 +305,74 @@ class Scenarios:
         await self._patch_spec(lambda s: s.update(replicas=n))
 
         async def scaled() -> bool:
-            return len(self.c.proxy.endpoints.get(NAME, [])) == n
+            return len(self.c.proxy.endpoints.get(ENGINES, [])) == n
 
         await wait_for(scaled, 60, f"{n} ready endpoints", self._detail)
 
     async def pod_killed(self) -> Result:
-        result = Result("engine pod killed under load -> replaced", False)
+        result = Result("engine pod SIGKILLed under load behind the router", False)
         await self._replicas(2)
         active = (await self.c.status(NAME))["activeRevision"]
         victim = self.c.node.pods_of(active)[0]
+        retries_before = await self.routing.router_metric("kvpilot:router_retries_total")
         mark = time.monotonic()
-        # Longer streams beside the steady ones, so that some are mid-stream on the victim when it dies.
-        long = asyncio.ensure_future(burst(self.c.proxy.url(NAME), MODEL, n=4, max_tokens=64, timeout_s=30))
-        await asyncio.sleep(0.7)
+        # Longer streams beside the steady ones, so that some are mid-stream on the victim when it dies: it is
+        # killed once the routers have requests in flight on it.
+        load = Load(self.c.proxy.url(NAME), MODEL, workers=6, max_tokens=96)
+        load.start()
+
+        async def busy() -> bool:
+            return await self.routing.in_flight_on(victim.name) >= 2
+
+        await wait_for(busy, 30, f"requests in flight on {victim.name}", self._detail)
         victim.kill_container()
 
         async def replaced() -> bool:
-            return victim.restarts >= 1 and victim.ready and len(self.c.proxy.endpoints.get(NAME, [])) == 2
+            return victim.restarts >= 1 and victim.ready and len(self.c.proxy.endpoints.get(ENGINES, [])) == 2
 
         _, result.to_ready_s = await wait_for(replaced, 60, "the killed pod to be replaced", self._detail)
         await asyncio.sleep(1)
-        outcomes = [*self.client.since(mark), *await long]
+        outcomes = [*self.client.since(mark), *await load.stop()]
         failures = self._count(result, outcomes)
-        elsewhere = [o for o in failures if o.pod != victim.name]
+        retried = await self.routing.router_metric("kvpilot:router_retries_total") - retries_before
+        mid_stream = [o for o in failures if o.cut_mid_stream]
+        before_streaming = [o for o in failures if not o.cut_mid_stream]
         hangs = [o for o in failures if o.hang]
         await self._replicas(1)
-        result.passed = not elsewhere and not hangs and result.sent > 0
+        hit = len(mid_stream) + retried  # a kill that hit nothing would prove nothing
+        result.passed = not before_streaming and not hangs and result.sent > 0 and hit > 0
         result.note = (
-            f"{len(failures)} failed, all on {victim.name}: {not elsewhere}; hangs {len(hangs)}; "
-            f"{sum(o.status == 200 for o in failures)} cut mid-stream with an error event, "
-            f"{sum(o.status == 502 for o in failures)} refused (502) before its endpoint was dropped"
+            f"{len(outcomes)} requests; {len(before_streaming)} failed before streaming (must be 0); "
+            f"{len(mid_stream)} cut mid-stream on {sorted({str(o.pod) for o in mid_stream})}, each ended with an "
+            f"error event; {retried:g} retried on another engine before their first byte; hangs {len(hangs)}"
+            + first_failure(before_streaming)
         )
         return result
 
     async def overload(self) -> Result:
-        result = Result("overload -> 429/503 with Retry-After", False)
+        result = Result("overload -> the routers' bounded queue, then 429 with Retry-After", False)
         mark = time.monotonic()
-        outcomes = await burst(self.c.proxy.url(NAME), MODEL, n=32, max_tokens=16, timeout_s=30)
+        outcomes = await burst(self.c.proxy.url(NAME), MODEL, n=32, max_tokens=16, timeout_s=40)
         refused = [o for o in outcomes if o.status in (429, 503)]
         accepted = [o for o in outcomes if o.status == 200]
         bad = [o for o in outcomes if o not in refused and o not in accepted]
         no_retry_after = [o for o in refused if not o.retry_after]
         incomplete = [o for o in accepted if not o.ok]
-        slowest_refusal = max((o.ended - o.started for o in refused), default=0.0)
+        # Past the queue's bound the answer is at once; a request that waited its queue timeout is refused later.
+        at_the_bound = [o for o in refused if QUEUE_FULL in o.error]
+        slowest_refusal = max((o.ended - o.started for o in at_the_bound), default=0.0)
         steady = self.client.since(mark)
         failures = self._count(result, steady)
         steady_bad = [o for o in failures if o.status not in (429, 503) or not o.retry_after]
         result.passed = (
-            bool(refused)
+            bool(at_the_bound)
             and slowest_refusal < REFUSAL_LIMIT_S
             and not (bad or no_retry_after or incomplete or steady_bad)
         )
         result.note = (
             f"burst 32: {len(accepted)} accepted (all complete: {not incomplete}), {len(refused)} refused "
-            f"(all with Retry-After: {not no_retry_after}, slowest {slowest_refusal:.2f}s), {len(bad)} other; "
-            f"steady failures all 429/503+Retry-After: {not steady_bad}"
+            f"({len(at_the_bound)} at the queue's bound, slowest {slowest_refusal:.2f}s; all with Retry-After: "
+            f"{not no_retry_after}), {len(bad)} other; steady failures all 429/503+Retry-After: {not steady_bad}"
         )
         return result
 
@@ -368,6 +392,8 @@ class Scenarios:
             self.operator_restart,
             self.pod_killed,
             self.overload,
+            self.routing.affinity,
+            self.routing.autoscaling,
             self.kubectl,
             self.rbac,
         ]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from kvpilot.engine.demo import ensure_demo_model
+from kvpilot.engine.demo import ensure_demo_model, ensure_demo_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command takes no arguments of its own."""
+    parser.add_argument("--tokenizer-only", action="store_true",
+                        help="build only its tokenizer (no torch needed), for the router's image")
 
 
 def run(args: argparse.Namespace) -> int:
-    print(ensure_demo_model())
+    print(ensure_demo_tokenizer() if args.tokenizer_only else ensure_demo_model())
     return 0

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,19 @@ def generate(prompt, max_tokens=16): return engine.step() while not finished
 """
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("KVPILOT_CACHE_DIR") or os.path.join(
+def _cache_root() -> Path:
+    return Path(os.environ.get("KVPILOT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvpilot"
-    )
-    return Path(root) / f"demo-model-v{DEMO_VERSION}"
+    ))
+
+
+def cache_dir() -> Path:
+    return _cache_root() / f"demo-model-v{DEMO_VERSION}"
+
+
+def tokenizer_cache_dir() -> Path:
+    """The demo tokenizer alone, for what tokenizes without running the model (the router's image, no torch)."""
+    return _cache_root() / f"demo-tokenizer-v{DEMO_VERSION}"
 
 
 def _build_tokenizer(out: Path) -> None:
@@ -125,20 +134,23 @@ def _build_model(out: Path, vocab_size: int, eos_id: int) -> None:
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
 
 
-def ensure_demo_model() -> Path:
-    """Return the demo model directory, building it atomically on first use."""
-    target = cache_dir()
-    if (target / "config.json").is_file():
+def _build_model_dir(out: Path) -> None:
+    _build_tokenizer(out)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    _build_model(out, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
+
+
+def _ensure(target: Path, marker: str, build: Callable[[Path], None], what: str) -> Path:
+    """`target`, built atomically on first use: in a temporary sibling, then renamed."""
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building the demo model into %s (once)", target)
+    log.info("building the %s into %s (once)", what, target)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
     try:
-        _build_tokenizer(tmp)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-        _build_model(tmp, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process built it first: theirs is as good as ours
@@ -147,6 +159,16 @@ def ensure_demo_model() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def ensure_demo_model() -> Path:
+    """Return the demo model directory, building it atomically on first use."""
+    return _ensure(cache_dir(), "config.json", _build_model_dir, "demo model")
+
+
+def ensure_demo_tokenizer() -> Path:
+    """The demo tokenizer without the model (no torch needed): the same training, so the same token ids."""
+    return _ensure(tokenizer_cache_dir(), "tokenizer.json", _build_tokenizer, "demo tokenizer")
 
 
 def resolve_model_path(model: str) -> Path:

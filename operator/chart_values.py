@@ -22,6 +22,15 @@ class Image(_Values):
     pullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
+class RouterImage(_Values):
+    repository: str = Field(default="ghcr.io/kvpilot/kvpilot-router", min_length=1)
+    tag: str = Field(default="", description="Defaults to the chart's appVersion.")
+
+
+class RouterValues(_Values):
+    image: RouterImage = Field(default_factory=RouterImage)
+
+
 class Crds(_Values):
     install: bool = True
 
@@ -83,6 +92,7 @@ class GrafanaDashboard(_Values):
 class ChartValues(_Values):
     image: Image = Field(default_factory=Image)
     imagePullSecrets: list[dict[str, str]] = Field(default_factory=list)
+    router: RouterValues = Field(default_factory=RouterValues)
     crds: Crds = Field(default_factory=Crds)
     operator: OperatorValues = Field(default_factory=OperatorValues)
     serviceAccount: ServiceAccount = Field(default_factory=ServiceAccount)

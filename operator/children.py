@@ -1,9 +1,9 @@
 """What the operator knows of its children: kopf's watch-fed indexes (main.py), one view per InferenceService.
 
-Every kind the operator writes or reads back (Deployments, Services, ConfigMaps, PDBs, ServiceMonitors, load
-Jobs and the Pods of both) is watched and indexed by the InferenceService it belongs to, so a quiet pass asks
-the API server nothing about them: the index is current as of the last watch event, and a change to a
-Deployment, Job or Pod starts a pass at once.
+Every kind the operator writes or reads back (Deployments, Services, ConfigMaps, PDBs, ServiceMonitors, the
+routers' ServiceAccount, Role and RoleBinding, load Jobs, and the Pods of all of them) is watched and indexed
+by the InferenceService it belongs to, so a quiet pass asks the API server nothing about them: the index is
+current as of the last watch event, and a change to a Deployment, Job or Pod starts a pass at once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ INDEXED: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("serviceaccounts.v1", "serviceaccount_index"),
     "ConfigMap": ("configmaps.v1", "configmap_index"),
     "PodDisruptionBudget": ("poddisruptionbudgets.v1.policy", "pdb_index"),
+    "Role": ("roles.v1.rbac.authorization.k8s.io", "role_index"),
+    "RoleBinding": ("rolebindings.v1.rbac.authorization.k8s.io", "rolebinding_index"),
     "ServiceMonitor": ("servicemonitors.v1.monitoring.coreos.com", "servicemonitor_index"),
     "Job": ("jobs.v1.batch", "job_index"),
     "Pod": ("pods.v1", "pod_index"),

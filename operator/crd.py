@@ -138,7 +138,9 @@ def crd_manifest() -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    # /scale: an HPA or KEDA can drive spec.replicas (leave spec.autoscaling unset then).
+                    "subresources": {"status": {}, "scale": {"specReplicasPath": ".spec.replicas",
+                                                             "statusReplicasPath": ".status.readyReplicas"}},
                     "additionalPrinterColumns": PRINTER_COLUMNS,
                     "schema": {"openAPIV3Schema": openapi_schema()},
                 }

@@ -4,17 +4,19 @@ Every EngineConfig field is a field of `spec.engine` (camelCased: `max_num_seqs`
 is listed in ENGINE_ONLY with the reason the operator sets it itself. A knob is optional in the CRD: unset
 means the engine's own default (named in its description), so the API server stores nothing for it, a
 revision's hash does not move when a knob is added, and the pod gets only the flags that were set. The
-types, bounds and descriptions are EngineConfig's; CLUSTER_BOUNDS only narrows them for a cluster.
+types, bounds and descriptions are EngineConfig's (knob_fields.py); CLUSTER_BOUNDS only narrows them for a
+cluster.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import annotated_types
 from kvpilot.engine.config import EngineConfig
 from kvpilot.engine.flags import to_flags
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from kvpilot.operator.knob_fields import defaults, optional_field
+from pydantic import BaseModel, ConfigDict, create_model
 from pydantic.alias_generators import to_camel
 
 # EngineConfig fields an InferenceService does not set, and where their value comes from instead.
@@ -42,41 +44,17 @@ def knob_names() -> list[str]:
     return [name for name in EngineConfig.model_fields if name not in ENGINE_ONLY]
 
 
-def _knob_field(name: str) -> tuple[Any, Any]:
-    info = EngineConfig.model_fields[name]
-    default = info.get_default(call_default_factory=True)
-    description = info.description or name
-    if default is not None:
-        description += f". Unset: {str(default).lower() if isinstance(default, bool) else default}."
-    inner = info.annotation
-    args = getattr(inner, "__args__", None)
-    if args and type(None) in args and len(args) == 2:
-        inner = next(a for a in args if a is not type(None))
-    cluster = CLUSTER_BOUNDS.get(name, ())
-    sides = {_side(c) for c in cluster}
-    constraints = [*(c for c in info.metadata if _side(c) not in sides), *cluster]
-    annotation = Annotated[inner, *constraints] if constraints else inner
-    return annotation | None, Field(default=None, description=description)
-
-
-def _side(constraint: Any) -> str:
-    if isinstance(constraint, annotated_types.Ge | annotated_types.Gt):
-        return "lower"
-    if isinstance(constraint, annotated_types.Le | annotated_types.Lt):
-        return "upper"
-    return type(constraint).__name__
-
-
 def knobs_model(name: str, base: type[BaseModel], doc: str) -> type[BaseModel]:
     """A model with one optional field per knob, over `base` (which adds what is not a knob)."""
-    return create_model(name, __base__=base, __doc__=doc, **{k: _knob_field(k) for k in knob_names()})
+    fields = {k: optional_field(EngineConfig, k, CLUSTER_BOUNDS.get(k, ())) for k in knob_names()}
+    return create_model(name, __base__=base, __doc__=doc, **fields)
 
 
 EngineKnobs = knobs_model("EngineKnobs", _CamelModel, "The engine knobs a revision runs with.")
 
 
 def _defaults() -> dict[str, Any]:
-    return {k: EngineConfig.model_fields[k].get_default(call_default_factory=True) for k in knob_names()}
+    return defaults(EngineConfig, knob_names())
 
 
 def chosen_knobs(engine: BaseModel) -> dict[str, Any]:

@@ -42,9 +42,11 @@ JOB = Kind("batch/v1", "Job", "jobs")
 POD = Kind("v1", "Pod", "pods")
 PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 SERVICE_MONITOR = Kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors")
+ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
+ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
 INFERENCE_SERVICE = Kind("kvpilot.dev/v1alpha1", "InferenceService", "inferenceservices")
 KINDS = {k.kind: k for k in (CONFIG_MAP, SERVICE, SERVICE_ACCOUNT, DEPLOYMENT, JOB, POD, PDB, SERVICE_MONITOR,
-                              INFERENCE_SERVICE)}
+                              ROLE, ROLE_BINDING, INFERENCE_SERVICE)}
 
 
 class ApiError(Exception):

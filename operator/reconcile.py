@@ -16,10 +16,14 @@ from typing import Any
 from kvpilot.operator import policy, rollout
 from kvpilot.operator import resources as res
 from kvpilot.operator.apply import Applier, conflict_error
+from kvpilot.operator.autoscale import Reading, autoscaling_part
+from kvpilot.operator.autoscale_signal import read_signals
 from kvpilot.operator.children import Children
 from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.kube import INFERENCE_SERVICE, SECRET, SERVICE_MONITOR, ApiError, KubeClient
 from kvpilot.operator.reducer import Event, Part, apply, reduce
+from kvpilot.operator.router_resources import router_children, router_name, tokenizer_source
+from kvpilot.operator.router_status import ready_routers, router_part
 from kvpilot.operator.spec import InferenceServiceSpec, parse_spec
 from kvpilot.operator.status import InferenceServiceStatus, dump_status, load_status, now
 from kvpilot.operator.tuning import TuningDriver, trial_revision
@@ -44,11 +48,18 @@ def spec_error_message(exc: ValidationError) -> str:
 class LiveChecks:
     """Observations for the state machine, read from the cluster and the preview Service."""
 
-    def __init__(self, applier: Applier, spec: InferenceServiceSpec, name: str, config: OperatorConfig) -> None:
+    def __init__(self, applier: Applier, spec: InferenceServiceSpec, name: str, config: OperatorConfig,
+                 scaling_up: str | None = None) -> None:
         self.applier, self.spec, self.name, self.config = applier, spec, name, config
+        self.scaling_up = scaling_up  # the revision the autoscaler added replicas to within their ready timeout
 
     def ready(self, revision: str) -> bool:
-        return res.deployment_ready(self.applier.get("Deployment", res.deployment_name(self.name, revision)))
+        """Every replica ready; while the autoscaler's new replicas start (within readyTimeoutSeconds), one is
+        enough: a scale-up is not a fault, and past that timeout the missing replicas are Degraded again."""
+        deployment = self.applier.get("Deployment", res.deployment_name(self.name, revision))
+        if revision == self.scaling_up and ((deployment or {}).get("status") or {}).get("readyReplicas"):
+            return True
+        return res.deployment_ready(deployment)
 
     def smoke(self) -> CheckResult:
         url = self.config.service_url(res.preview_service_name(self.name), self.applier.namespace, res.PORT)
@@ -92,6 +103,7 @@ def _converge(
     desired: str,
     status: InferenceServiceStatus,
     service_monitors: bool,
+    router_image: str,
 ) -> None:
     keep = rollout.revisions_to_keep(status)
     skip = {r.revision for r in status.retiring} | {trial_revision(status)}  # a trial's children are the tuner's
@@ -104,7 +116,11 @@ def _converge(
             applier.ensure(child)
     serving = status.active_revision or desired
     preview = status.candidate_revision or serving
-    for child in res.shared_children(name, applier.namespace, serving, preview, service_monitors):
+    for child in res.shared_children(name, applier.namespace, preview, service_monitors):
+        applier.ensure(child)
+    routers_up = ready_routers(applier.get("Deployment", router_name(name))) > 0
+    direct = None if routers_up else status.active_revision
+    for child in router_children(name, applier.namespace, spec, serving, router_image, direct):
         applier.ensure(child)
     for kind in ("Deployment", "ConfigMap"):
         for obj in applier.list(kind, res.pod_selector(name)):
@@ -141,6 +157,49 @@ def _observe_slo(
     else:
         part.condition("SLOMet", verdict.ok, verdict.reason, verdict.message)
     return part
+
+
+def _autoscale(applier: Applier, previous: InferenceServiceStatus, name: str, spec: InferenceServiceSpec,
+               config: OperatorConfig, at: dt.datetime) -> Part:
+    """Read the signals at most every autoscale_refresh_seconds and propose the active revision's replicas."""
+    auto = spec.autoscaling
+    assert auto is not None
+    last = previous.autoscaling
+    active = previous.active_revision
+    deployment = applier.get("Deployment", res.deployment_name(name, active)) if active else None
+    serving = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+    if last is not None and last.recommendations and (
+            at - last.recommendations[-1].at).total_seconds() < config.autoscale_refresh_seconds:
+        part = Part()
+        part.fields["autoscaling"] = last.model_copy(update={"current_replicas": serving})
+        return part
+    prom = policy.prometheus(spec, config)
+    reading = (Reading(error="no Prometheus: the operator's, or spec.monitoring.prometheusUrl") if prom is None
+               else read_signals(prom, applier.namespace, name, active, spec, auto.window_seconds))
+    best = previous.tuning.best if previous.tuning else None
+    goodput = auto.goodput_per_replica or (best.goodput_tokens_per_second if best and best.feasible else None)
+    current = last.desired_replicas if last is not None else spec.replicas
+    return autoscaling_part(auto, last, reading, current, serving, goodput, at)
+
+
+def _scaled_replicas(previous: InferenceServiceStatus, part: Part) -> int:
+    """What the revisions get: the autoscaler's count, but at least one until a revision serves and while a
+    rollout's candidate must be verified (the candidate comes up at the stable revision's count)."""
+    desired = part.fields["autoscaling"].desired_replicas
+    if previous.active_revision is None or previous.candidate_revision is not None:
+        return max(1, desired)
+    return desired
+
+
+def _scaling_up(previous: InferenceServiceStatus, part: Part | None, spec: InferenceServiceSpec,
+                at: dt.datetime) -> str | None:
+    """The active revision, while the autoscaler's last change was an increase made less than readyTimeoutSeconds
+    ago and it still wants more replicas than are ready."""
+    auto = part.fields.get("autoscaling") if part else None
+    if auto is None or auto.last_scale_time is None or previous.active_revision is None:
+        return None
+    recent = (at - auto.last_scale_time).total_seconds() < spec.rollout.ready_timeout_seconds
+    return previous.active_revision if recent and auto.desired_replicas > auto.current_replicas else None
 
 
 def _invalid_spec(status: InferenceServiceStatus, message: str, reason: str = "InvalidSpec") -> Part:
@@ -205,15 +264,23 @@ def reconcile(client: KubeClient, namespace: str, name: str, config: OperatorCon
     study, basis = load_study(applier, name)
     spec = effective_spec(spec, study)
     desired = res.revision_of(spec)
-    checks = LiveChecks(applier, spec, name, config)
+    parts: dict[str, Part] = {}
+    if spec.autoscaling is not None:
+        parts["autoscaling"] = _autoscale(applier, previous, name, spec, config, at)
+        spec = spec.model_copy(update={"replicas": _scaled_replicas(previous, parts["autoscaling"])})
+    elif previous.autoscaling is not None:  # turned off: spec.replicas serves again, and status says no more
+        parts["autoscaling"] = Part(fields={"autoscaling": None})
+    checks = LiveChecks(applier, spec, name, config, _scaling_up(previous, parts.get("autoscaling"), spec, at))
     slo_checks = policy.prometheus_url(spec, config) is not None
-    parts = {"rollout": rollout.advance(previous, spec, desired, checks, at, slo_checks)}
+    parts["rollout"] = rollout.advance(previous, spec, desired, checks, at, slo_checks)
     after_rollout = apply(previous, parts, generation)  # what tuning and the children follow
     tuning = TuningDriver(applier, name, body["metadata"].get("uid", name), user_spec, config, study, basis)
     parts["tuning"] = tuning.step(after_rollout, desired, at)
     service_monitors = spec.monitoring.service_monitor and client.has_resource(SERVICE_MONITOR)
-    _converge(applier, name, spec, desired, apply(previous, parts, generation), service_monitors)
+    _converge(applier, name, spec, desired, apply(previous, parts, generation), service_monitors, config.router_image)
     parts["slo"] = _observe_slo(previous, namespace, name, after_rollout.active_revision, spec, config, at)
+    parts["router"] = router_part(applier.get("Deployment", router_name(name)), after_rollout.active_revision,
+                                  tokenizer_source(spec)[0])
     deployment = applier.get("Deployment", res.deployment_name(name, after_rollout.active_revision or desired))
     parts["rollout"].fields["ready_replicas"] = ((deployment or {}).get("status") or {}).get("readyReplicas", 0)
     status, events = reduce(previous, parts, generation)

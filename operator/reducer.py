@@ -1,6 +1,6 @@
 """One status writer: each part of the operator proposes its share of status, the reducer derives the rest.
 
-Rollout, tuning and the SLO reading (and, later, autoscaling) each return a `Part`: the status fields and
+Rollout, tuning, the SLO reading, the routers and the autoscaler each return a `Part`: the status fields and
 conditions it owns, the phase it would have the object in, and its Events. `reduce()` applies the parts to
 the previous status once per pass, derives the phase from every proposal (the most urgent wins: a
 trial in flight shows `Tuning` only while the rollout says `Ready`) and posts a `Phase…` Event only when
@@ -62,6 +62,8 @@ OWNERS: dict[str, Owner] = {
     ),
     "tuning": Owner(frozenset({"tuning"}), frozenset({"Tuned"})),
     "slo": Owner(frozenset({"slo", "ttft_p95_ms", "tokens_per_second"}), frozenset({"SLOMet"})),
+    "router": Owner(frozenset({"router"}), frozenset({"RouterReady"})),
+    "autoscaling": Owner(frozenset({"autoscaling"}), frozenset()),
 }
 
 

@@ -89,7 +89,7 @@ def metrics_service_name(name: str) -> str:
     return f"{name}-metrics"
 
 
-def _model_source(spec: InferenceServiceSpec) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+def model_source(spec: InferenceServiceSpec) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """(path given to --model, volumes, mounts) for the model's URI scheme."""
     uri = spec.model.uri
     if uri == "demo" or (uri.startswith("/") and not uri.startswith("//")):
@@ -139,14 +139,16 @@ def service_account(name: str, namespace: str) -> dict[str, Any]:
             "metadata": {"name": service_account_name(name), "namespace": namespace, "labels": base_labels(name)}}
 
 
-def restricted_pod(name: str, pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """`pod_spec` under the restricted standard, with the InferenceService's ServiceAccount and no token."""
+def restricted_pod(name: str, pod_spec: dict[str, Any], account: str | None = None,
+                   api_token: bool = False) -> dict[str, Any]:
+    """`pod_spec` under the restricted standard, as `account` (default: the engine's ServiceAccount, granted nothing),
+    with its API token mounted only if the pod talks to the API server (`api_token`: the router)."""
     for container in pod_spec["containers"]:
         container["securityContext"] = dict(CONTAINER_SECURITY_CONTEXT)
         container["volumeMounts"] = [*container.get("volumeMounts", []), SCRATCH_MOUNT]
         container["env"] = [*container.get("env", []), *SCRATCH_ENV]
     return {**pod_spec, "securityContext": dict(POD_SECURITY_CONTEXT),
-            "serviceAccountName": service_account_name(name), "automountServiceAccountToken": False,
+            "serviceAccountName": account or service_account_name(name), "automountServiceAccountToken": api_token,
             "volumes": [*pod_spec.get("volumes", []), SCRATCH_VOLUME]}
 
 
@@ -177,7 +179,7 @@ def cpu_threads(cpu: int | str) -> int:
 
 
 def pod_template(name: str, spec: InferenceServiceSpec, revision: str) -> dict[str, Any]:
-    model_path, volumes, mounts = _model_source(spec)
+    model_path, volumes, mounts = model_source(spec)
     env: list[dict[str, Any]] = [{"name": "OMP_NUM_THREADS", "value": str(cpu_threads(spec.resources.cpu))}]
     if spec.engine.api_key_secret:
         key_ref = {"name": spec.engine.api_key_secret, "key": "api-key"}
@@ -235,7 +237,7 @@ def engine_config_map(name: str, namespace: str, spec: InferenceServiceSpec, rev
         "revision": revision,
         "model": spec.model.model_dump(mode="json", by_alias=True),
         "engine": spec.engine.model_dump(mode="json", by_alias=True, exclude_none=True),
-        "args": engine_args(spec, revision, _model_source(spec)[0]),
+        "args": engine_args(spec, revision, model_source(spec)[0]),
     }
     return {
         "apiVersion": "v1",
@@ -252,45 +254,34 @@ def engine_config_map(name: str, namespace: str, spec: InferenceServiceSpec, rev
     }
 
 
+def service_manifest(name: str, namespace: str, service_name: str, selector: dict[str, str], role: str,
+                     headless: bool = False, annotations: dict[str, str] | None = None,
+                     labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Service of ours: port 8000 to the selected pods' container port named http."""
+    spec: dict[str, Any] = {"clusterIP": "None"} if headless else {"type": "ClusterIP"}
+    spec.update(selector=selector, ports=[{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}])
+    metadata: dict[str, Any] = {"name": service_name, "namespace": namespace,
+                                "labels": {**(labels or base_labels(name)), "kvpilot.dev/role": role}}
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec}
+
+
 def service(name: str, namespace: str, service_name: str, revision: str, role: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": service_name,
-            "namespace": namespace,
-            "labels": {**base_labels(name), "kvpilot.dev/role": role},
-        },
-        "spec": {
-            "type": "ClusterIP",
-            "selector": pod_selector(name, revision),
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }
+    """A Service selecting one revision's engine pods (preview, tuning)."""
+    return service_manifest(name, namespace, service_name, pod_selector(name, revision), role)
 
 
 def metrics_service(name: str, namespace: str, scrape_annotations: bool) -> dict[str, Any]:
-    """Headless, over every revision: Prometheus scrapes each pod once, candidates included."""
+    """Headless, over every pod of the InferenceService (each revision's engines, candidates included, and the
+    routers): Prometheus scrapes each pod once. Every one serves /metrics on the port named http (8000)."""
     annotations = (
         {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
         if scrape_annotations
         else {}
     )
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": metrics_service_name(name),
-            "namespace": namespace,
-            "labels": {**base_labels(name), "kvpilot.dev/role": "metrics"},
-            "annotations": annotations,
-        },
-        "spec": {
-            "clusterIP": "None",
-            "selector": pod_selector(name),
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }
+    return service_manifest(name, namespace, metrics_service_name(name), pod_selector(name), "metrics",
+                            headless=True, annotations=annotations)
 
 
 def service_monitor(name: str, namespace: str) -> dict[str, Any]:
@@ -309,23 +300,27 @@ def service_monitor(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def pod_disruption_budget(name: str, namespace: str) -> dict[str, Any]:
+def disruption_budget(name: str, namespace: str, pdb_name: str, selector: dict[str, str],
+                      labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """At most one of the selected pods down at a time by a voluntary disruption (a drain, an upgrade)."""
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": name, "namespace": namespace, "labels": base_labels(name)},
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_selector(name)}},
+        "metadata": {"name": pdb_name, "namespace": namespace, "labels": labels or base_labels(name)},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
     }
 
 
-def shared_children(
-    name: str, namespace: str, stable_revision: str, preview_revision: str, service_monitors: bool
-) -> list[dict[str, Any]]:
-    """Children that outlive revisions: the ServiceAccount, Services (stable, preview, metrics), PDB,
-    ServiceMonitor."""
+def pod_disruption_budget(name: str, namespace: str) -> dict[str, Any]:
+    """The engines' budget, across revisions; the routers have their own (two budgets on one pod block evictions)."""
+    return disruption_budget(name, namespace, name, {**pod_selector(name), "app.kubernetes.io/component": "engine"})
+
+
+def shared_children(name: str, namespace: str, preview_revision: str, service_monitors: bool) -> list[dict[str, Any]]:
+    """Engine children that outlive revisions: the ServiceAccount, the preview and metrics Services, the PDB, the
+    ServiceMonitor. (The stable Service selects the routers: router_resources.py.)"""
     children = [
         service_account(name, namespace),
-        service(name, namespace, name, stable_revision, "stable"),
         service(name, namespace, preview_service_name(name), preview_revision, "preview"),
         metrics_service(name, namespace, scrape_annotations=not service_monitors),
         pod_disruption_budget(name, namespace),

@@ -10,6 +10,7 @@ import re
 from typing import Any, Literal
 
 from kvpilot.operator.engine_knobs import knobs_model
+from kvpilot.operator.router_knobs import router_knobs_model
 from kvpilot.tuner.objective import SLO
 from kvpilot.tuner.space import gpu_space
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -75,21 +76,25 @@ EngineSpec = knobs_model(
 )
 
 
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?", value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
+    return value
+
+
+QUANTITY = {"x-kubernetes-int-or-string": True}
+
+
 class ResourcesSpec(CRDModel):
     gpus_per_replica: int = Field(default=1, ge=0, le=16, description="0 runs on CPU.")
-    cpu: int | str = Field(default="4", json_schema_extra={"x-kubernetes-int-or-string": True})
-    memory: int | str = Field(default="32Gi", json_schema_extra={"x-kubernetes-int-or-string": True})
+    cpu: int | str = Field(default="4", json_schema_extra=QUANTITY)
+    memory: int | str = Field(default="32Gi", json_schema_extra=QUANTITY)
     shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list, json_schema_extra={"items": _preserve("object")})
     affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_preserve("object"))
 
-    @field_validator("cpu", "memory")
-    @classmethod
-    def _quantity(cls, value: int | str) -> int | str:
-        if isinstance(value, str) and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?", value):
-            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
-        return value
+    _quantities = field_validator("cpu", "memory")(lambda value: _quantity(value))
 
 
 class SLOSpec(SLO):
@@ -184,6 +189,58 @@ class RolloutSpec(CRDModel):
     auto_rollback: bool = True
 
 
+class _RouterSpecBase(CRDModel):
+    """What the operator adds around the router's knobs (those come from RouterConfig: router_knobs.py)."""
+
+    replicas: int = Field(
+        default=2, ge=1, le=32, description="Router pods behind the stable Service. Two or more keep the endpoint up "
+        "through a node's loss and a rolling update (their PodDisruptionBudget lets one go at a time). Each reads "
+        "every engine's metrics and block events: add routers for request rate, not for engines.")
+    cpu: int | str = Field(default="1", json_schema_extra=QUANTITY, description="CPU request and limit per router.")
+    memory: int | str = Field(default="1Gi", json_schema_extra=QUANTITY,
+                              description="Memory request and limit per router.")
+
+    _quantities = field_validator("cpu", "memory")(lambda value: _quantity(value))
+
+
+RouterSpec = router_knobs_model(
+    "RouterSpec", _RouterSpecBase, "The prefix-cache-aware router in front of the engines: its pods, and every "
+    "RouterConfig knob (unset: the router's default)."
+)
+
+
+class AutoscalingSpec(CRDModel):
+    """Replicas of the active revision from a live signal, instead of `spec.replicas` (which it then overrides)."""
+
+    min_replicas: int = Field(default=1, ge=0, le=100, description="0 scales to zero when idle: the routers hold "
+                              "requests in their bounded queue while the first engine starts.")
+    max_replicas: int = Field(default=4, ge=1, le=100)
+    signal: Literal["Demand", "SLOAttainment", "QueueDepth"] = Field(
+        default="Demand", description="Demand: output tokens/s demanded over the per-replica goodput at the SLO; "
+        "SLOAttainment: add a replica while the share of requests within the SLO is below the target; QueueDepth: "
+        "requests waiting (routers' queue and engines') per replica.")
+    goodput_per_replica: float | None = Field(
+        default=None, gt=0, description="Output tokens/s one replica serves within the SLO (Demand). Unset: the "
+        "best tuning trial's measured goodput.")
+    target_utilization: float = Field(default=0.8, gt=0, le=1,
+                                      description="Share of that goodput to plan for (Demand): headroom for bursts.")
+    target_attainment: float = Field(default=0.95, gt=0, le=1, description="SLOAttainment's target share.")
+    target_queue_depth: float = Field(default=4, gt=0, description="Waiting requests per replica (QueueDepth).")
+    window_seconds: int = Field(default=30, ge=5, le=600, description="The window each reading averages over.")
+    scale_up_stabilization_seconds: int = Field(
+        default=0, ge=0, le=3600, description="Scale up to the lowest recommendation of this window (0: at once).")
+    scale_down_stabilization_seconds: int = Field(
+        default=120, ge=0, le=3600, description="Scale down only to the highest recommendation of this window, so "
+        "replicas do not flap. Status keeps the last 64 recommendations: at the operator's default 5 s refresh a "
+        "window covers at most 320 s.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})")
+        return self
+
+
 class MonitoringSpec(CRDModel):
     service_monitor: bool = Field(default=True, description="Create a ServiceMonitor when its CRD exists.")
     prometheus_url: str | None = Field(default=None, pattern=r"^https?://.+")
@@ -197,6 +254,9 @@ class InferenceServiceSpec(CRDModel):
     slo: SLOSpec = Field(default_factory=SLOSpec)
     tuning: TuningSpec = Field(default_factory=TuningSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Unset: `replicas` serves. Set: the operator scales the active revision.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
 
     @model_validator(mode="after")
@@ -215,6 +275,11 @@ SPEC_CEL_RULES: list[dict[str, str]] = [
         "rule": "!has(self.resources) || !has(self.resources.gpusPerReplica) || self.resources.gpusPerReplica != 0"
         " || !has(self.engine) || !has(self.engine.tensorParallelSize) || self.engine.tensorParallelSize == 1",
         "message": "engine.tensorParallelSize must be 1 when resources.gpusPerReplica is 0 (CPU)",
+    },
+    {
+        "rule": "!has(self.autoscaling) || (has(self.autoscaling.minReplicas) ? self.autoscaling.minReplicas : 1)"
+        " <= (has(self.autoscaling.maxReplicas) ? self.autoscaling.maxReplicas : 4)",
+        "message": "autoscaling.minReplicas must not exceed maxReplicas",
     },
     {
         "rule": "!has(self.resources) || !has(self.resources.gpusPerReplica) || self.resources.gpusPerReplica == 0"

@@ -13,9 +13,10 @@ from kvpilot.operator.spec import CRDModel
 from pydantic import Field
 
 Phase = Literal["Pending", "Deploying", "Ready", "Upgrading", "Tuning", "Degraded", "Failed"]
-ConditionType = Literal["Ready", "Progressing", "SLOMet", "Tuned", "Degraded"]
+ConditionType = Literal["Ready", "Progressing", "SLOMet", "Tuned", "Degraded", "RouterReady"]
 RolloutStep = Literal["Deploying", "Verifying", "Failed"]
 HISTORY_LIMIT = 10
+RECOMMENDATION_LIMIT = 64
 
 
 def now() -> dt.datetime:
@@ -94,6 +95,36 @@ class TuningStatus(CRDModel):
     message: str | None = None
 
 
+class RouterStatus(CRDModel):
+    """The routers in front of the engines, and what the stable Service selects."""
+
+    replicas: int = 0
+    ready_replicas: int = 0
+    stable_selects: Literal["routers", "engines"] = Field(
+        default="routers", description="engines: no router is ready, so the stable Service selects the active "
+        "revision's engines directly (no prefix routing, no queue) until one is.")
+    tokenizer: str | None = Field(default=None, description="What the routers tokenize with; none: text prompts "
+                                  "route by their leading characters.")
+
+
+class Recommendation(CRDModel):
+    at: dt.datetime
+    replicas: int
+
+
+class AutoscalingStatus(CRDModel):
+    """What the autoscaler read, wants and why; its recent recommendations are its stabilisation windows' memory,
+    kept here so that an operator restart does not forget them."""
+
+    desired_replicas: int
+    current_replicas: int = 0
+    reason: str
+    message: str = ""
+    signal_value: float | None = Field(default=None, description="The last reading of spec.autoscaling.signal.")
+    last_scale_time: dt.datetime | None = None
+    recommendations: list[Recommendation] = Field(default_factory=list, max_length=RECOMMENDATION_LIMIT)
+
+
 class InferenceServiceStatus(CRDModel):
     phase: Phase = "Pending"
     observed_generation: int | None = None
@@ -111,6 +142,8 @@ class InferenceServiceStatus(CRDModel):
     ttft_p95_ms: float | None = Field(default=None, description="Last observed TTFT p95 (printer column).")
     tokens_per_second: float | None = Field(default=None, description="Last observed throughput.")
     tuning: TuningStatus | None = None
+    router: RouterStatus | None = None
+    autoscaling: AutoscalingStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
     def condition(self, kind: ConditionType) -> Condition | None:

@@ -31,8 +31,9 @@ def _searched(spec: InferenceServiceSpec) -> set[str]:
 
 
 def study_basis(spec: InferenceServiceSpec) -> str:
-    """What the study's results are about: everything but the searched knobs and how tuning is paced."""
-    doc = spec.model_dump(mode="json", exclude={"replicas", "rollout", "monitoring"})
+    """What the study's results are about: everything but the searched knobs, how tuning is paced, and what does not
+    change one replica's engine (replicas, rollout, routers, monitoring)."""
+    doc = spec.model_dump(mode="json", exclude={"replicas", "rollout", "router", "monitoring"})
     doc["engine"] = {k: v for k, v in doc["engine"].items() if k not in _searched(spec)}
     doc["tuning"] = {k: doc["tuning"][k] for k in ("search_space", "allow_quantization", "workload")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

@@ -87,14 +87,16 @@ def from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(**given)
 
 
-def to_args(config: RouterConfig) -> list[str]:
-    """The flags that give `config` back, for pod arguments (only what differs from the defaults)."""
+def to_args(config: RouterConfig, always: tuple[str, ...] = ()) -> list[str]:
+    """The flags that give `config` back, for pod arguments: what differs from the defaults, and the fields named
+    in `always`. Each flag and its value are one argument (`--name=value`), so a value can never read as a flag."""
+    values = config.model_dump()
+    chosen = config.model_dump(exclude_defaults=True)
     args: list[str] = []
-    for name, value in config.model_dump(exclude_defaults=True).items():
+    for name in RouterConfig.model_fields:
+        if name not in chosen and name not in always:
+            continue
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, list):
-            for item in value:
-                args += [flag, str(item)]
-        else:
-            args += [flag, str(value)]
+        items = values[name] if isinstance(values[name], list) else [values[name]]
+        args += [f"{flag}={item}" for item in items]
     return args

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
-from kvpilot.engine.server.errors import ErrorDetail, ErrorResponse
+from kvpilot.engine.server.protocol import ErrorDetail, ErrorResponse
 
 
 class RouterError(Exception):

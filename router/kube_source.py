@@ -6,6 +6,9 @@ router keeps the old revision's pods until it has seen a Ready pod of the new on
 arrive in either order), so the pool is never empty in between and nothing waits or is refused.
 Requests already on old pods finish there; the old pods drain on their own SIGTERM.
 
+An engine's port is the Service's `targetPort`, as Kubernetes resolves it into endpoints: a number as it is, a
+name as the pod's container port of that name (each pod its own), or `--k8s-port` over both.
+
 It needs, in its namespace: pods `list` and `watch`; services `list` and `watch` (restrictable with
 resourceNames to the one Service: the router lists and watches it by `metadata.name` field selector).
 The `kubernetes` client is synchronous: each watch runs in a thread and hands events to the event loop.
@@ -18,7 +21,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _DEFAULT_ENGINE_PORT = 8000
+USER_AGENT = "kvpilot-router"  # its API calls, told apart from the operator's (and counted apart in e2e)
 _READ_TIMEOUT_S = 30  # a silent watch is re-opened this often, which is also when a stopped source notices
 _BACKOFF_MAX_S = 10.0
 
@@ -43,31 +47,39 @@ class PodView:
     ip: str | None
     ready: bool
     terminating: bool
+    ports: dict[str, int] = field(default_factory=dict)  # named container ports
 
     @classmethod
     def of(cls, pod: Any) -> PodView:
         status = pod.status
         conditions = (status.conditions if status else None) or []
         ready = any(c.type == "Ready" and c.status == "True" for c in conditions)
+        containers = (pod.spec.containers if pod.spec else None) or []
+        ports = {p.name: p.container_port for c in containers for p in c.ports or [] if p.name}
         return cls(pod.metadata.name, dict(pod.metadata.labels or {}), status.pod_ip if status else None, ready,
-                   pod.metadata.deletion_timestamp is not None)
+                   pod.metadata.deletion_timestamp is not None, ports)
+
+    def port(self, target: int | str) -> int | None:
+        return target if isinstance(target, int) else self.ports.get(target)
 
 
-def serving(selector: dict[str, str] | None, pods: Iterable[PodView], port: int) -> frozenset[Backend]:
-    """The engines a selector gives: Ready, not terminating, with an address. No selector selects nothing."""
+def serving(selector: dict[str, str] | None, pods: Iterable[PodView], target: int | str) -> frozenset[Backend]:
+    """The engines a selector gives: Ready, not terminating, with an address and the target port (a name: the
+    pod's container port of that name; a pod without one is no endpoint). No selector selects nothing."""
     if not selector:
         return frozenset()
     return frozenset(
         Backend(p.name, f"http://[{p.ip}]:{port}" if ":" in p.ip else f"http://{p.ip}:{port}")
         for p in pods
         if p.ready and not p.terminating and p.ip and selector.items() <= p.labels.items()
+        and (port := p.port(target)) is not None
     )
 
 
-def _service_port(service: Any) -> int | None:
+def _service_port(service: Any) -> int | str | None:
     ports = (service.spec.ports if service.spec else None) or []
     target = ports[0].target_port if ports else None
-    return target if isinstance(target, int) else None
+    return target if isinstance(target, int | str) else None
 
 
 def default_namespace() -> str:
@@ -84,9 +96,12 @@ def api_client() -> client.ApiClient:
     configuration = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
+    else:  # KUBECONFIG read now, not at import time as the kubernetes package's default does
+        path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
+        config.load_kube_config(config_file=path, client_configuration=configuration)
+    api = client.ApiClient(configuration)
+    api.user_agent = USER_AGENT
+    return api
 
 
 class KubernetesSource:
@@ -99,7 +114,7 @@ class KubernetesSource:
         self._port = port
         self._selector: dict[str, str] | None = None
         self._previous: dict[str, str] | None = None  # the selector before a switch, until the new one serves
-        self._service_port: int | None = None
+        self._service_port: int | str | None = None
         self._pods: dict[str, PodView] = {}
         self._published: frozenset[Backend] | None = None
         self._stopped = threading.Event()
@@ -112,7 +127,8 @@ class KubernetesSource:
                    cfg.k8s_pod_selector, cfg.k8s_port)
 
     @property
-    def port(self) -> int:
+    def port(self) -> int | str:
+        """The target port: --k8s-port, else the Service's targetPort (a number or a container port's name)."""
         return self._port or self._service_port or _DEFAULT_ENGINE_PORT
 
     async def run(self, publish: Publish) -> None:
@@ -222,6 +238,8 @@ class KubernetesSource:
             except Exception as exc:  # a read timeout, a dropped connection: watch again from where it was
                 if self._stopped.is_set():
                     return
-                log.debug("watch %s interrupted: %s", list_fn.__name__, exc)
+                # An object the client cannot read (ValueError) is no routine interruption: say so.
+                log.log(logging.WARNING if isinstance(exc, ValueError) else logging.DEBUG, "watch %s interrupted: %s",
+                        list_fn.__name__, exc)
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)

@@ -1,9 +1,10 @@
 """The router's Prometheus series (prefix `kvpilot:router_`), in a registry of its own.
 
+Demand: `requests_received` counts completion requests as they arrive, whatever becomes of them, and
+`queue_depth` + `requests_in_flight` is what the router holds now; both exist with zero engines.
 Predicted against actual cache hits: `prefix_predicted_tokens` counts the prompt tokens the router
 expected an engine to find cached; `engine_prefix_hit_tokens` adds up the engines' own
-`kvpilot:prefix_cache_hits` as the router reads them, over the same engines. Scale on
-`queue_depth` + `requests_in_flight` (the demand the router holds), which exist with zero engines.
+`kvpilot:prefix_cache_hits` as the router reads them, over the same engines.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class RouterMetrics:
         for kind in UPSTREAM_ERRORS:
             self.upstream_errors.labels(kind)
         self.requests = Counter(f"{_P}requests", "requests answered, by HTTP status", ["code"], registry=reg)
+        self.received = Counter(f"{_P}requests_received", "completion requests received, counted on arrival (those "
+                                "refused or still waiting too): the demand the autoscaler reads", registry=reg)
         self.queue_time = Histogram(f"{_P}queue_time_seconds", "arrival to an engine chosen", buckets=QUEUE_BUCKETS,
                                     registry=reg)
         self.first_byte = Histogram(f"{_P}time_to_first_byte_seconds", "arrival to the first byte sent back",

@@ -37,6 +37,7 @@ _NOT_RELAYED = _HOP_BY_HOP | {"date", "server"}
 _DONE = b"data: [DONE]\n\n"
 _CONNECT_PAUSE_S = 1.0  # an engine that refused a connection is skipped this long (or until it answers again)
 _REFUSAL_PAUSE_MAX_S = 10.0
+_REFUSALS = ("overloaded", "unavailable")  # an engine's 429 and 503: it may have room later, unlike a lost connection
 
 
 @dataclass
@@ -96,6 +97,8 @@ def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:
 
 async def handle(ctx: RouterContext, request: web.Request) -> web.StreamResponse:
     arrival = time.monotonic()
+    if request.method == "POST":  # a completion: demand, whether it is served, waits or is refused
+        ctx.metrics.received.inc()
     body = await request.read()
     parsed = _parse(body)
     key = route_key(request.path, parsed, ctx.tokenizer)
@@ -103,18 +106,26 @@ async def handle(ctx: RouterContext, request: web.Request) -> web.StreamResponse
     deadline = arrival + ctx.config.queue_timeout_s
     tried: set[str] = set()
     last: _Retry | None = None
-    attempts = ctx.config.max_attempts
-    for attempt in range(attempts):
+    attempts, attempt, first = ctx.config.max_attempts, 0, True
+    while attempt < attempts:
         choice = await ctx.admission.acquire(key, tried, deadline)
-        if attempt == 0:
+        if first:
             ctx.metrics.queue_time.observe(time.monotonic() - arrival)
+            first = False
         _count_pick(ctx, key, choice)
         try:
             return await _exchange(ctx, request, choice, body, stream, arrival)
         except _Retry as exc:
-            tried.add(choice.state.name)
             last = exc
-            if attempt + 1 < attempts:
+            if exc.reason in _REFUSALS and time.monotonic() < deadline:
+                # A full or draining engine rests for its Retry-After (refused_until) and the request waits for
+                # room, on it or another, until its queue deadline: an engine that has just started (scale from
+                # zero) and cannot take all that waited for it yet takes the rest a moment later.
+                ctx.metrics.retries.labels(exc.reason).inc()
+                continue
+            tried.add(choice.state.name)
+            attempt += 1
+            if attempt < attempts:
                 ctx.metrics.retries.labels(exc.reason).inc()
                 log.info("retrying on another engine: %s %s", choice.state.name, exc.reason)
     if last is not None and last.answer is not None:

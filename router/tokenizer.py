@@ -22,14 +22,16 @@ _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cl
 
 
 def resolve_tokenizer_dir(name: str) -> Path:
-    """'demo' is the engine's embedded demo model (which the engine builds); anything else a directory."""
+    """'demo' is the engine's embedded demo model (its directory, or the demo tokenizer built alone, as the
+    router's image holds it); anything else a directory."""
     if name == "demo":
-        from kvpilot.engine.demo import cache_dir
+        from kvpilot.engine.demo import cache_dir, tokenizer_cache_dir
 
-        path = cache_dir()
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"the demo model is not built yet ({path}): run `kvpilot demo-model` once")
-        return path
+        for path in (cache_dir(), tokenizer_cache_dir()):
+            if (path / "tokenizer.json").is_file():
+                return path
+        raise FileNotFoundError(f"the demo tokenizer is not built yet ({tokenizer_cache_dir()}): run "
+                                "`kvpilot demo-model --tokenizer-only` once")
     path = Path(name).expanduser()
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {name!r}")

@@ -16,11 +16,11 @@ from kvpilot.engine.config import SamplingParams
 from kvpilot.engine.server import errors, kv_events
 from kvpilot.engine.server.chat import create_chat_completion
 from kvpilot.engine.server.completions import create_completion
-from kvpilot.engine.server.errors import APIError, ErrorResponse
+from kvpilot.engine.server.errors import APIError
 from kvpilot.engine.server.lifecycle import Lifecycle
 from kvpilot.engine.server.metrics import ServerMetrics
 from kvpilot.engine.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
-from kvpilot.engine.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvpilot.engine.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from kvpilot.engine.server.responses import (
     ChatCompletionResponse,
     CompletionResponse,

@@ -10,24 +10,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from kvpilot.engine.errors import EngineDead, EngineOverloaded, RequestFailed, RequestRejected
-from kvpilot.engine.server.protocol import Unsupported
-from pydantic import BaseModel, ValidationError
+from kvpilot.engine.server.protocol import ErrorDetail, ErrorResponse, Unsupported
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 class APIError(Exception):

@@ -1,4 +1,4 @@
-"""OpenAI request bodies, as OpenAI accepts them, plus vLLM's sampling extensions.
+"""OpenAI request bodies, as OpenAI accepts them, plus vLLM's sampling extensions, and OpenAI's error shape.
 
 Unknown fields are refused (OpenAI answers "Unrecognized request argument"), and fields OpenAI
 defines but this engine cannot honour are accepted only at their neutral value, so a client never
@@ -37,6 +37,20 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_encodable)]
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI's error body; here, beside the requests, because the router answers in it too and imports no
+    web framework."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
 
 
 class Unsupported(ValueError):

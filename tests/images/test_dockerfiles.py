@@ -9,6 +9,7 @@ import tomllib
 import pytest
 import yaml
 from kvpilot.operator.chart_values import Image
+from kvpilot.operator.config import OperatorConfig
 from kvpilot.operator.spec import EngineSpec, parse_spec
 from packaging.utils import canonicalize_name
 
@@ -20,9 +21,11 @@ REGISTRY = "ghcr.io/kvpilot"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
-def test_the_three_images_are_built_here() -> None:
-    """The engine for GPUs, the engine for CPU nodes (demo, e2e/kind) and the operator, each its own file."""
-    assert {r.title for r in RECIPES.values()} == {"kvpilot-engine", "kvpilot-engine-cpu", "kvpilot-operator"}
+def test_the_four_images_are_built_here() -> None:
+    """The engine for GPUs, the engine for CPU nodes (demo, e2e/kind), the operator and the router, each its own
+    file."""
+    assert {r.title for r in RECIPES.values()} == {"kvpilot-engine", "kvpilot-engine-cpu", "kvpilot-operator",
+                                                   "kvpilot-router"}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -105,6 +108,10 @@ def test_chart_operator_spec_and_examples_name_images_built_here() -> None:
     assert values["repository"] == Image().repository == f"{REGISTRY}/kvpilot-operator"
     assert values["tag"] == "", "the tag defaults to appVersion"
     assert EngineSpec().image == _published(by_title["kvpilot-engine"])
+    router = yaml.safe_load((ROOT / "charts" / "kvpilot" / "values.yaml").read_text())["router"]["image"]
+    published_router = _published(by_title["kvpilot-router"])
+    assert f"{router['repository']}:{VERSION}" == OperatorConfig().router_image == published_router
+    assert router["tag"] == "", "the router's tag defaults to appVersion too"
     for example in sorted((ROOT / "examples").glob("*.yaml")):
         spec = parse_spec(yaml.safe_load(example.read_text())["spec"])
         image = spec.engine.image

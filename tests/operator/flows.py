@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from kvpilot.operator.router_resources import router_selector
 
 from .conftest import ISVC_PATH, NAMESPACE
 from .emulator import Emulator
@@ -29,6 +30,16 @@ def deployment_names(em: Emulator) -> set[str]:
 def selector(em: Emulator, service: str) -> str | None:
     svc = em.find("services", NAMESPACE, service)
     return None if svc is None else svc["spec"]["selector"].get("kvpilot.dev/revision")
+
+
+def serving(em: Emulator, name: str) -> str | None:
+    """The revision the routers send traffic to: what the `<name>-engines` Service selects."""
+    return selector(em, f"{name}-engines")
+
+
+def stable_selects_routers(em: Emulator, name: str) -> bool:
+    svc = em.find("services", NAMESPACE, name)
+    return svc is not None and svc["spec"]["selector"] == router_selector(name)
 
 
 async def create(api: httpx.AsyncClient, body: dict[str, Any]) -> None:
@@ -58,9 +69,11 @@ async def mark_ready(api: httpx.AsyncClient, em: Emulator, deployment: str) -> N
 
 
 async def deploy_ready(api: httpx.AsyncClient, em: Emulator, name: str) -> str:
-    """Wait for the first revision's Deployment, mark it ready, wait for phase Ready; returns the revision."""
+    """Wait for the first revision's Deployment and the routers', mark them ready, wait for phase Ready; returns
+    the revision."""
     revision = await eventually(lambda: isvc_status(em, name).get("candidateRevision"), what="first revision")
-    await eventually(lambda: f"{name}-{revision}" in deployment_names(em), what="first Deployment")
+    await eventually(lambda: {f"{name}-{revision}", f"{name}-router"} <= deployment_names(em), what="Deployments")
+    await mark_ready(api, em, f"{name}-router")
     await mark_ready(api, em, f"{name}-{revision}")
     await eventually(lambda: isvc_status(em, name).get("phase") == "Ready", what="phase Ready")
     return revision

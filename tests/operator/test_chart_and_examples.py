@@ -13,6 +13,9 @@ import pytest
 import yaml
 from kvpilot.operator import resources as res
 from kvpilot.operator.chart_values import ChartValues, values_schema_json
+from kvpilot.operator.config import DEFAULT_ROUTER_IMAGE
+from kvpilot.operator.crd import GROUP, KIND, VERSION, crd_manifest
+from kvpilot.operator.router_resources import router_children, router_rbac
 from kvpilot.operator.spec import parse_spec
 
 from .schema import validate_against_crd
@@ -112,11 +115,40 @@ def test_examples_validate_against_the_crd_and_the_models(path: Path):
         revision = res.revision_of(spec)
         name, namespace = doc["metadata"]["name"], "default"
         children = res.revision_children(name, namespace, spec, revision)
-        children += res.shared_children(name, namespace, revision, revision, service_monitors=True)
+        children += res.shared_children(name, namespace, revision, service_monitors=True)
+        children += router_children(name, namespace, spec, revision, DEFAULT_ROUTER_IMAGE)
+        children += router_children(name, namespace, spec, revision, DEFAULT_ROUTER_IMAGE, direct=revision)[-2:]
         for child in children:
             validate_k8s(child)
+
+
+def _grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_the_chart_lets_the_operator_create_and_grant_the_routers_role(name: str):
+    """Kubernetes refuses to let anyone create a Role (or bind one) granting more than they hold themselves: the
+    operator must hold every permission of the routers' Role, and may write Roles and RoleBindings."""
+    docs = render(VALUE_SETS[name])
+    manager = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("manager"))
+    held = _grants(manager["rules"])
+    role = next(d for d in router_rbac("llm", "team-a") if d["kind"] == "Role")
+    assert _grants(role["rules"]) <= held
+    for kind in ("roles", "rolebindings"):
+        assert {("rbac.authorization.k8s.io", kind, v) for v in ("create", "patch", "list", "watch")} <= held
 
 
 def test_examples_cover_cpu_one_gpu_and_two_gpus():
     gpus = sorted(parse_spec(yaml.safe_load(p.read_text())["spec"]).resources.gpus_per_replica for p in EXAMPLES)
     assert gpus == [0, 1, 2]
+
+
+def test_the_hpa_example_validates_and_targets_the_scale_subresource():
+    """KEDA/HPA users: the example is a valid HorizontalPodAutoscaler, and what it targets has /scale."""
+    hpa = yaml.safe_load((ROOT / "examples" / "hpa" / "llama-8b-hpa.yaml").read_text())
+    validate_k8s(hpa)
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == (f"{GROUP}/{VERSION}", KIND)
+    version = crd_manifest()["spec"]["versions"][0]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"

@@ -34,7 +34,8 @@ def test_kvpilot_crd_command_prints_it():
 def test_crd_is_structural_with_status_printer_columns_and_short_name():
     assert structural_problems(crd_schema()) == []
     version = crd_manifest()["spec"]["versions"][0]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {  # /scale: what an HPA or KEDA targets
+        "status": {}, "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.readyReplicas"}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Model",
         "Revision",

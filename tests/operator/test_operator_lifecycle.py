@@ -13,6 +13,8 @@ from .flows import (
     event_reasons,
     isvc_status,
     selector,
+    serving,
+    stable_selects_routers,
 )
 from .harness import FakePrometheus, eventually, wait_passes
 
@@ -40,7 +42,8 @@ async def test_create_builds_children_and_becomes_ready(emulator, start_operator
 
     config_map = em.find("configmaps", NAMESPACE, f"llm-{revision}")
     assert config_map is not None and "engine.json" in config_map["data"]
-    assert selector(em, "llm") == revision and selector(em, "llm-preview") == revision
+    assert serving(em, "llm") == revision and selector(em, "llm-preview") == revision
+    assert stable_selects_routers(em, "llm")  # nothing serves yet: no revision to fall back to
     assert em.find("poddisruptionbudgets", NAMESPACE, "llm") is not None
     metrics = em.find("services", NAMESPACE, "llm-metrics")
     assert metrics["spec"]["clusterIP"] == "None"
@@ -81,11 +84,11 @@ async def test_create_builds_children_and_becomes_ready(emulator, start_operator
     await api.delete(f"/api/v1/namespaces/{NAMESPACE}/services/llm-preview")
     await api.patch(
         f"/api/v1/namespaces/{NAMESPACE}/services/llm",
-        json={"spec": {"selector": {"kvpilot.dev/revision": "bogus"}}},
+        json={"spec": {"selector": {"app.kubernetes.io/component": "bogus"}}},
         headers={"Content-Type": "application/merge-patch+json"},
     )
     await eventually(lambda: em.find("services", NAMESPACE, "llm-preview"), what="deleted Service recreated")
-    await eventually(lambda: selector(em, "llm") == revision, what="selector repaired")
+    await eventually(lambda: stable_selects_routers(em, "llm"), what="selector repaired")
     # The API server reported the hand edit as a field another manager owns; the operator said so and took it.
     await eventually(lambda: "FieldConflict" in event_reasons(em, "llm"), what="a FieldConflict Event")
     managers = {e["manager"] for e in em.find("services", NAMESPACE, "llm")["metadata"]["managedFields"]}
@@ -136,7 +139,7 @@ async def test_conflicts_are_retried(emulator, start_operator, api):
     await create(api, isvc("busy"))
     revision = await deploy_ready(api, em, "busy")
     assert em.find("deployments", NAMESPACE, f"busy-{revision}") is not None
-    assert selector(em, "busy") == revision
+    assert serving(em, "busy") == revision
     served = em.conflicts_served
     assert served.count(("PATCH", "deployments", None)) == 2
     assert served.count(("PATCH", "services", None)) == 1

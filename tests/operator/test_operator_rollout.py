@@ -14,14 +14,15 @@ from .flows import (
     mark_ready,
     patch_spec,
     selector,
+    serving,
 )
 from .harness import OperatorProcess, eventually, wait_passes
 
 
 def stable_selectors(em: Emulator, name: str) -> list[str]:
-    """Every revision the stable Service ever selected, in order, without repeats."""
+    """Every revision the routers were ever sent to (the engines Service), in order, without repeats."""
     seen: list[str] = []
-    for version in em.versions("services", NAMESPACE, name):
+    for version in em.versions("services", NAMESPACE, f"{name}-engines"):
         revision = version["spec"]["selector"]["kvpilot.dev/revision"]
         if not seen or seen[-1] != revision:
             seen.append(revision)
@@ -36,7 +37,7 @@ async def start_upgrade(api, em: Emulator, name: str) -> tuple[str, str]:
     await eventually(lambda: f"{name}-{new}" in deployment_names(em), what="candidate Deployment")
     await eventually(lambda: selector(em, f"{name}-preview") == new, what="preview selects the candidate")
     assert isvc_status(em, name)["phase"] == "Upgrading"
-    assert selector(em, name) == old
+    assert serving(em, name) == old
     return old, new
 
 
@@ -46,17 +47,17 @@ async def test_upgrade_promotes_then_retires_the_old_revision(emulator, start_op
     await create(api, isvc("llm", rollout={"readyTimeoutSeconds": 30, "scaleDownDelaySeconds": 3}))
     old, new = await start_upgrade(api, em, "llm")
     await wait_passes(em, "llm", 3)
-    assert selector(em, "llm") == old  # a candidate that is not ready takes no traffic
+    assert serving(em, "llm") == old  # a candidate that is not ready takes no traffic
 
     # The spec has moved on, yet the serving revision is still repaired: rebuilt from its ConfigMap.
-    serving = em.find("deployments", NAMESPACE, f"llm-{old}")
+    old_deployment = em.find("deployments", NAMESPACE, f"llm-{old}")
     await api.delete(f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/llm-{old}")
     rebuilt = await eventually(lambda: em.find("deployments", NAMESPACE, f"llm-{old}"), what="old revision rebuilt")
-    assert rebuilt["spec"]["template"] == serving["spec"]["template"]
+    assert rebuilt["spec"]["template"] == old_deployment["spec"]["template"]
     await mark_ready(api, em, f"llm-{old}")
 
     await mark_ready(api, em, f"llm-{new}")
-    await eventually(lambda: selector(em, "llm") == new, what="stable Service switched")
+    await eventually(lambda: serving(em, "llm") == new, what="stable Service switched")
     await eventually(lambda: isvc_status(em, "llm").get("activeRevision") == new, what="status promoted")
     assert [service for service, _ in pods.calls] == ["llm-preview"]  # the smoke test went through preview
     assert pods.calls[0][1]["model"] == "demo"
@@ -65,7 +66,7 @@ async def test_upgrade_promotes_then_retires_the_old_revision(emulator, start_op
     assert f"llm-{old}" in deployment_names(em)  # kept for scaleDownDelaySeconds
     assert [r["revision"] for r in status["retiring"]] == [old]
 
-    await eventually(lambda: deployment_names(em) == {f"llm-{new}"}, what="old revision deleted")
+    await eventually(lambda: deployment_names(em) == {f"llm-{new}", "llm-router"}, what="old revision deleted")
     await eventually(lambda: em.find("configmaps", NAMESPACE, f"llm-{old}") is None, what="old ConfigMap deleted")
     assert stable_selectors(em, "llm") == [old, new]
     history = isvc_status(em, "llm")["history"]
@@ -89,13 +90,14 @@ async def test_candidate_never_ready_is_rolled_back(emulator, start_operator, ap
     assert progressing["status"] == "False" and progressing["reason"] == "ReadyTimeout"
     assert condition(em, "llm", "Degraded")["reason"] == "RolledBackReadyTimeout"
     assert isvc_status(em, "llm")["phase"] == "Degraded"
-    await eventually(lambda: deployment_names(em) == {f"llm-{old}"}, what="candidate removed")
+    await eventually(lambda: deployment_names(em) == {f"llm-{old}", "llm-router"}, what="candidate removed")
     await eventually(lambda: selector(em, "llm-preview") == old, what="preview back on the active revision")
     await eventually(lambda: "RolledBack" in event_reasons(em, "llm"), what="RolledBack Event")
     assert stable_selectors(em, "llm") == [old]  # traffic never left the old revision
     assert pods.calls == []
     await wait_passes(em, "llm", 5)
-    assert deployment_names(em) == {f"llm-{old}"}  # a failed revision is not retried until the spec changes
+    # A failed revision is not retried until the spec changes.
+    assert deployment_names(em) == {f"llm-{old}", "llm-router"}
 
 
 async def test_failed_smoke_test_is_rolled_back(emulator, start_operator, api, pods):
@@ -109,7 +111,7 @@ async def test_failed_smoke_test_is_rolled_back(emulator, start_operator, api, p
     assert condition(em, "llm", "Progressing")["reason"] == "SmokeTestFailed"
     assert "HTTP 503" in condition(em, "llm", "Progressing")["message"]
     assert len(pods.calls) == 3  # SMOKE_ATTEMPTS
-    await eventually(lambda: deployment_names(em) == {f"llm-{old}"}, what="candidate removed")
+    await eventually(lambda: deployment_names(em) == {f"llm-{old}", "llm-router"}, what="candidate removed")
     assert stable_selectors(em, "llm") == [old]
 
 
@@ -121,11 +123,11 @@ async def test_operator_restarted_mid_rollout_completes_it(emulator, start_opera
     await first.stop()
 
     await mark_ready(api, em, f"llm-{new}")  # the candidate becomes ready while no operator runs
-    assert selector(em, "llm") == old and isvc_status(em, "llm")["rollout"]["step"] == "Deploying"
+    assert serving(em, "llm") == old and isvc_status(em, "llm")["rollout"]["step"] == "Deploying"
 
     start_operator()
     await eventually(lambda: isvc_status(em, "llm").get("activeRevision") == new, what="promotion by the new operator")
-    await eventually(lambda: deployment_names(em) == {f"llm-{new}"}, what="old revision deleted")
+    await eventually(lambda: deployment_names(em) == {f"llm-{new}", "llm-router"}, what="old revision deleted")
     assert stable_selectors(em, "llm") == [old, new]
     assert isvc_status(em, "llm")["phase"] == "Ready"
 
@@ -148,7 +150,7 @@ async def test_operator_process_killed_mid_rollout_resumes(emulator, kubeconfig,
             timeout=30,
             what=f"promotion by the restarted process; log:\n{log.read_text()[-2000:]}",
         )
-        await eventually(lambda: deployment_names(em) == {f"llm-{new}"}, what="old revision deleted")
+        await eventually(lambda: deployment_names(em) == {f"llm-{new}", "llm-router"}, what="old revision deleted")
         assert stable_selectors(em, "llm") == [old, new]
     finally:
         await second.kill()

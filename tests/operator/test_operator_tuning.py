@@ -96,10 +96,13 @@ class Controllers:
 
     async def _deployment(self, d: dict[str, Any]) -> None:
         name = d["metadata"]["name"]
-        revision = d["metadata"]["labels"]["kvpilot.dev/revision"]
         if name in self.done:
             return
         self.done.add(name)
+        revision = d["metadata"]["labels"].get("kvpilot.dev/revision")
+        if revision is None:  # the routers
+            await mark_ready(self.api, self.em, name)
+            return
         args = d["spec"]["template"]["spec"]["containers"][0]["args"]
         if revision.startswith("trial-") and int(_arg(args, "--max-num-seqs")) >= CRASHING_SEQS:
             crashing = {"name": "engine", "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff"}},

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 from kvpilot.operator import resources as res
-from kvpilot.operator.config import OperatorConfig
+from kvpilot.operator.config import DEFAULT_ROUTER_IMAGE, OperatorConfig
 from kvpilot.operator.load_job import load_job
 from kvpilot.operator.policy import secret_violation, violations
+from kvpilot.operator.router_resources import router_deployment
 from kvpilot.operator.spec import parse_spec
 
 from .conftest import BASE_SPEC
@@ -30,6 +31,8 @@ def _pods() -> list[tuple[str, dict]]:
             pods.append((f"{path.name} engine", res.pod_template(name, spec, "r1")["spec"]))
             job = load_job(name, "default", spec, "trial-abcdef-0", 0, 2.0, 10, "http://x")
             pods.append((f"{path.name} load Job", job["spec"]["template"]["spec"]))
+            router = router_deployment(name, "default", spec, DEFAULT_ROUTER_IMAGE)
+            pods.append((f"{path.name} router", router["spec"]["template"]["spec"]))
     for values in VALUE_SETS:
         for doc in render(VALUE_SETS[values]):
             if doc["kind"] == "Deployment":
@@ -42,7 +45,10 @@ def test_every_pod_meets_the_restricted_standard(what: str, pod: dict) -> None:
     assert restricted_violations(pod) == [], what
     if "chart" in what:
         return
-    assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"].endswith("-engine")
+    if "router" in what:  # it watches pods and its Service: its own account, token mounted (router_rbac)
+        assert pod["automountServiceAccountToken"] is True and pod["serviceAccountName"].endswith("-router")
+    else:
+        assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"].endswith("-engine")
     for container in pod["containers"]:
         resources = container["resources"]
         assert resources["requests"]["cpu"] and resources["limits"]["cpu"], what

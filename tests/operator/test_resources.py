@@ -78,14 +78,14 @@ def test_hostpath_and_image_directory_models():
 
 
 def test_services_select_by_revision_and_monitoring_switches():
-    children = res.shared_children("llm", "ns", "aaa", "bbb", service_monitors=True)
+    children = res.shared_children("llm", "ns", "bbb", service_monitors=True)
     by_name = {(c["kind"], c["metadata"]["name"]): c for c in children}
-    assert by_name[("Service", "llm")]["spec"]["selector"]["kvpilot.dev/revision"] == "aaa"
+    assert ("Service", "llm") not in by_name, "the stable Service is the routers' (router_resources.py)"
     assert by_name[("Service", "llm-preview")]["spec"]["selector"]["kvpilot.dev/revision"] == "bbb"
     assert "kvpilot.dev/revision" not in by_name[("Service", "llm-metrics")]["spec"]["selector"]
     assert ("ServiceMonitor", "llm") in by_name
     assert by_name[("Service", "llm-metrics")]["metadata"]["annotations"] == {}
-    plain = res.shared_children("llm", "ns", "aaa", "aaa", service_monitors=False)
+    plain = res.shared_children("llm", "ns", "aaa", service_monitors=False)
     assert not any(c["kind"] == "ServiceMonitor" for c in plain)
 
 

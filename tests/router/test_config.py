@@ -29,6 +29,7 @@ def test_to_args_round_trips() -> None:
     assert _parse(to_args(config)) == config
     assert _parse([]) == RouterConfig()
     assert to_args(RouterConfig()) == []
+    assert to_args(RouterConfig(), always=("host", "port")) == ["--host=0.0.0.0", "--port=8080"]
 
 
 def test_bad_settings_exit_2_with_the_reason() -> None:

@@ -36,6 +36,21 @@ def test_text_and_chat_token_ids_match_the_engine(tokenizer: PromptTokenizer) ->
         assert route_key("/v1/chat/completions", body, tokenizer).token_ids == expected
 
 
+def test_the_demo_tokenizer_built_alone_gives_the_demo_models_token_ids(tmp_path, monkeypatch,
+                                                                       tokenizer: PromptTokenizer) -> None:
+    """The router's image builds the demo tokenizer without the model (no torch): the same ids."""
+    from kvpilot.engine.demo import ensure_demo_tokenizer
+
+    monkeypatch.setenv("KVPILOT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="--tokenizer-only"):
+        resolve_tokenizer_dir("demo")
+    built = ensure_demo_tokenizer()
+    assert resolve_tokenizer_dir("demo") == built and not (built / "config.json").exists()
+    alone = PromptTokenizer(built)
+    assert alone.encode(TEXT) == tokenizer.encode(TEXT)
+    assert alone.encode_chat(CONVERSATION[:3], True) == tokenizer.encode_chat(CONVERSATION[:3], True)
+
+
 def test_token_id_prompts_and_batches_need_no_tokenizer() -> None:
     ids = list(range(3, 60))
     key = route_key("/v1/completions", {"prompt": ids}, None)

@@ -89,3 +89,12 @@ def test_serving_needs_ready_not_terminating_an_address_and_a_selector() -> None
     assert serving({"r": "1"}, pods, 8000) == {Backend("ok", "http://10.1.1.1:8000"),
                                                Backend("v6", "http://[fd00::1]:8000")}
     assert serving({}, pods, 8000) == frozenset() and serving(None, pods, 8000) == frozenset()
+
+
+def test_a_named_target_port_is_each_pods_container_port_of_that_name() -> None:
+    """As Kubernetes resolves a Service's named targetPort into endpoints: per pod, and no port no endpoint."""
+    pods = [PodView("a", {"r": "1"}, "10.1.1.1", True, False, {"http": 8000}),
+            PodView("b", {"r": "1"}, "10.1.1.2", True, False, {"http": 9001, "metrics": 9090}),
+            PodView("c", {"r": "1"}, "10.1.1.3", True, False, {"grpc": 50051})]
+    assert serving({"r": "1"}, pods, "http") == {Backend("a", "http://10.1.1.1:8000"),
+                                                 Backend("b", "http://10.1.1.2:9001")}

@@ -63,6 +63,20 @@ async def test_refusal_is_passed_on_when_every_engine_refuses(client: httpx.Asyn
         assert sum(_served(engines)) == 2, "each engine tried once, then the queue held it until its timeout"
 
 
+async def test_a_refusing_engine_is_tried_again_after_its_retry_after_while_the_request_may_wait(
+        client: httpx.AsyncClient) -> None:
+    """Scale from zero: the first engine up cannot take every request that waited for it; the ones it refuses wait
+    out its Retry-After and get it then, instead of being refused for want of another engine."""
+    async with stubs(1, behaviour=429) as (engine,), router([engine], queue_timeout_s=10) as r:
+        pending = asyncio.ensure_future(client.post(f"{r.url}/v1/completions", json=BODY))
+        await asyncio.sleep(3.5)  # longer than max_attempts (3) refusals 1 s apart: refusals spend no attempt
+        assert not pending.done()
+        engine.behaviour = "ok"  # room now
+        answer = await pending
+        assert answer.status_code == 200, answer.text
+        assert r.metric("kvpilot:router_retries_total", reason="overloaded") >= 1
+
+
 async def test_client_errors_and_server_errors_are_not_retried(client: httpx.AsyncClient) -> None:
     for status in (400, 404, 500):
         async with stubs(3, behaviour=status) as engines, router(engines) as r:
@@ -120,6 +134,7 @@ async def test_no_engine_queues_then_503_and_a_full_queue_429s(client: httpx.Asy
         await eventually(lambda: r.ctx.admission.queued == 2)
         over = await client.post(f"{r.url}/v1/completions", json=BODY)
         assert over.status_code == 429 and over.json()["error"]["code"] == "queue_full" and over.headers["retry-after"]
+        assert r.metric("kvpilot:router_requests_received_total") == 3, "demand counts on arrival, refused or not"
         assert [a.status_code for a in await asyncio.gather(*waiting)] == [503, 503]
 
 
