@@ -90,7 +90,7 @@ class AsyncEngine:
         self.inputs = InputProcessor.for_model(self.tokenizer, info.arch.vocab_size, self.client.info)
         self.outputs = OutputProcessor(self.tokenizer)
         total = self.client.info.num_kv_blocks
-        self._stats = EngineStats(num_free_blocks=total, num_total_blocks=total)
+        self._stats = EngineStats(num_free_blocks=total, num_total_blocks=total, num_empty_blocks=total)
         self.kv_events = KVEventLog()  # the prefix blocks the core holds, for GET /kv/events
         self._streams: dict[str, RequestStream] = {}
         self._sent = self._received = 0  # "add" messages sent, and taken by the core

@@ -170,6 +170,7 @@ class EngineCore:
             kv_cache_usage=self.kv.usage,
             num_free_blocks=self.kv.num_free_blocks,
             num_total_blocks=self.kv.num_blocks,
+            num_empty_blocks=self.kv.num_empty_blocks,
             prefix_cache_hits=self.kv.prefix_hits,
             prefix_cache_queries=self.kv.prefix_queries,
             num_preemptions=self.scheduler.num_preemptions,

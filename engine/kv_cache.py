@@ -52,6 +52,7 @@ class KVCacheManager:
         self.window = window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.num_empty_blocks = num_blocks  # free blocks holding no cached prefix (a router's room to place one)
         self.cached: dict[int, int] = {}
         self.prefix_queries = 0  # prompt tokens looked up, as vLLM counts them
         self.prefix_hits = 0  # of those, tokens found in the cache
@@ -150,12 +151,16 @@ class KVCacheManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free[block_id]
+            if block.block_hash is None:
+                self.num_empty_blocks -= 1
         block.ref_count += 1
 
     def _pop_free(self) -> int:
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
-        if block.block_hash is not None:  # evict from the prefix cache
+        if block.block_hash is None:
+            self.num_empty_blocks -= 1
+        else:  # evict from the prefix cache
             del self.cached[block.block_hash]
             if self.listener is not None:
                 self.listener.evicted(block.block_hash)
@@ -212,6 +217,7 @@ class KVCacheManager:
             self.free[block_id] = None
             if block.block_hash is None:  # nothing to keep: reuse these first
                 self.free.move_to_end(block_id, last=False)
+                self.num_empty_blocks += 1
 
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references; tail blocks go first to the eviction end."""

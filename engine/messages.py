@@ -76,6 +76,7 @@ class EngineStats:
     kv_cache_usage: float = 0.0
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    num_empty_blocks: int = 0  # free and holding no cached prefix: taken without evicting
     prefix_cache_hits: int = 0
     prefix_cache_queries: int = 0
     num_preemptions: int = 0
@@ -86,8 +87,8 @@ class EngineStats:
 
     def to_wire(self) -> tuple[Any, ...]:
         return (self.num_running, self.num_waiting, self.kv_cache_usage, self.num_free_blocks,
-                self.num_total_blocks, self.prefix_cache_hits, self.prefix_cache_queries, self.num_preemptions,
-                self.grammar_compiles, self.grammar_compile_seconds, self.grammar_cache_hits,
+                self.num_total_blocks, self.num_empty_blocks, self.prefix_cache_hits, self.prefix_cache_queries,
+                self.num_preemptions, self.grammar_compiles, self.grammar_compile_seconds, self.grammar_cache_hits,
                 self.jump_forward_tokens)
 
 

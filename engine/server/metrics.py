@@ -50,6 +50,8 @@ class EngineStatsCollector(Collector):
             "kv_cache_usage_perc": ("fraction of KV-cache blocks in use (0..1)", s.kv_cache_usage),
             "num_free_kv_blocks": ("free KV-cache blocks (cached prefixes included)", s.num_free_blocks),
             "num_total_kv_blocks": ("KV-cache blocks in the pool", s.num_total_blocks),
+            "num_empty_kv_blocks": ("free KV-cache blocks holding no cached prefix: taken without evicting",
+                                    s.num_empty_blocks),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(f"kvpilot:{name}", doc, labels=LABELS)

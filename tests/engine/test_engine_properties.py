@@ -80,6 +80,8 @@ def check_ref_counts(llm: LLM) -> None:
         assert block.ref_count >= 0
         assert block.ref_count == held.get(block.block_id, 0)
         assert (block.ref_count == 0) == (block.block_id in llm.core.kv.free)
+    kv = llm.core.kv
+    assert kv.num_empty_blocks == sum(kv.blocks[b].block_hash is None for b in kv.free), "the router's room"
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

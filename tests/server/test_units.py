@@ -83,7 +83,7 @@ def _output(tokens: list[int], new: int, t: dict[str, float], finish: str | None
 
 def test_request_observer_records_latencies() -> None:
     stats = EngineStats(num_running=1, num_waiting=2, kv_cache_usage=0.25, num_free_blocks=3, num_total_blocks=4,
-                        prefix_cache_hits=5, prefix_cache_queries=10, num_preemptions=1)
+                        num_empty_blocks=2, prefix_cache_hits=5, prefix_cache_queries=10, num_preemptions=1)
     m = ServerMetrics(EngineConfig(model="demo", revision="r1"), "r1", lambda: stats)
     obs = m.observer()
     times = {"arrival_time": 10.0, "first_scheduled_time": 10.5, "first_token_time": 11.0, "last_token_time": 11.0}
@@ -106,6 +106,7 @@ def test_request_observer_records_latencies() -> None:
     assert value("kvpilot:request_success_total", finished_reason="length") == 1
     assert value("kvpilot:kv_cache_usage_perc") == 0.25 and value("kvpilot:num_requests_waiting") == 2
     assert value("kvpilot:prefix_cache_hits_total") == 5 and value("kvpilot:num_preemptions_total") == 1
+    assert value("kvpilot:num_empty_kv_blocks") == 2 and value("kvpilot:num_free_kv_blocks") == 3
     info = [s for metric in m.registry.collect() for s in metric.samples if s.name == "kvpilot:engine_config_info"]
     assert len(info) == 1 and info[0].value == 1
     expected = {"model": "demo", "block_size": "16", "revision": "r1", "model_name": "demo"}
