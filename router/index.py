@@ -3,8 +3,8 @@
 Confirmed entries come from each engine's /kv/events (feeds.py): a snapshot replaces an engine's entries,
 an event adds or drops one. Recent entries are the blocks this router has just sent to an engine, which
 that engine will hold once it has computed them: they keep a burst of one prefix together before the
-first event arrives, and expire after a TTL. Engines are bits in an int, so a lookup walks a prompt's
-names once, intersecting masks, however many engines there are.
+first event arrives, and expire after a TTL or when the engine reports evicting them. Engines are bits in
+an int, so a lookup walks a prompt's names once, intersecting masks, however many engines there are.
 """
 
 from __future__ import annotations
@@ -70,10 +70,13 @@ class PrefixIndex:
             self._holders[h] = self._holders.get(h, 0) | flag
 
     def evicted(self, engine: str, hashes: Iterable[int]) -> None:
+        """The engine no longer holds these: a route this router sent there lately no longer vouches for them
+        either (else a prefix evicted under a burst of its own requests would count as held for a whole TTL)."""
         if engine not in self._bits:
             return
-        keep = ~(1 << self._bits[engine])
-        held = self._held[engine]
+        bit = self._bits[engine]
+        keep = ~(1 << bit)
+        held, recent = self._held[engine], self._recent
         for h in hashes:
             held.discard(h)
             mask = self._holders.get(h, 0) & keep
@@ -81,6 +84,9 @@ class PrefixIndex:
                 self._holders[h] = mask
             else:
                 self._holders.pop(h, None)
+            routed = recent.get(h)
+            if routed is not None and routed.pop(bit, None) is not None and not routed:
+                del recent[h]
 
     def remove(self, engine: str) -> None:
         """Forget an engine entirely (it left the pool); its bit may then name another."""

@@ -50,3 +50,16 @@ def test_recent_routes_extend_a_reported_prefix() -> None:
     index.stored("a", [1, 2])
     index.note_route("a", [1, 2, 3, 4], now=0.0, ttl_s=5.0)
     assert index.match([1, 2, 3, 4, 5], ["a"], 1.0)["a"] == Match(2, 4)
+
+
+def test_an_eviction_ends_a_recent_route_of_that_block_on_that_engine() -> None:
+    index = PrefixIndex()
+    index.note_route("a", [1, 2, 3], now=0.0, ttl_s=10.0)
+    index.note_route("b", [1, 2, 3], now=0.0, ttl_s=10.0)
+    index.stored("a", [1, 2, 3])
+    index.evicted("a", [3, 2])  # tail first, as engines evict
+    assert index.match([1, 2, 3], ["a", "b"], 1.0) == {"a": Match(1, 1), "b": Match(0, 3)}
+    index.stored("b", [1, 2, 3])
+    index.evicted("b", [3, 2, 1])
+    assert index.match([1, 2, 3], ["a", "b"], 1.0)["b"] == Match(0, 0), "within the TTL, yet gone"
+    assert index._recent == {1: {index._bits["a"]: 10.0}}, "only a's route of the block a still holds is left"
