@@ -79,7 +79,7 @@ async def _backends(request: web.Request) -> web.Response:
         {"name": s.name, "url": s.backend.url, "available": s.available(now),
          "overloaded": s.overloaded(ctx.config, now), "in_flight": s.in_flight, "load": s.current_load(),
          "events_synced": s.events_synced, "block_size": s.block_size,
-         "blocks_held": ctx.pool.index.blocks_held(s.name)}
+         "blocks_held": ctx.pool.index.blocks_held(s.name), "free_blocks": s.free_blocks()}
         for s in ctx.pool.states
     ])
 

@@ -15,6 +15,7 @@ _SERIES = {
     "kvpilot:kv_cache_usage_perc": "kv_usage",
     "kvpilot:prefix_cache_hits_total": "prefix_hits",
     "kvpilot:prefix_cache_queries_total": "prefix_queries",
+    "kvpilot:num_empty_kv_blocks": "empty_blocks",
 }
 
 
@@ -31,6 +32,7 @@ class EngineLoad:
     kv_usage: float = 0.0
     prefix_hits: float = 0.0
     prefix_queries: float = 0.0
+    empty_blocks: float | None = None  # free blocks holding no cached prefix (None: the engine does not say)
 
 
 def parse_engine_metrics(text: str) -> EngineLoad:
@@ -62,6 +64,7 @@ class BackendState:
     refused_until: float = 0.0  # it answered 429/503: full or draining, until its Retry-After
     block_size: int | None = None  # from its event feed
     events_synced: bool = False  # its feed is live: its index entries are the engine's own
+    pending_blocks: int = 0  # blocks this router's requests will fill there, sent since the last /metrics read
 
     @property
     def name(self) -> str:
@@ -84,10 +87,20 @@ class BackendState:
         """A fresh /metrics read. Its count of this router's own requests is stale the moment it is read (they
         start and finish between reads), so only the rest is kept, beside the exact `in_flight`."""
         self.load = load
+        self.pending_blocks = 0
         self.others = max(0, int(load.running + load.waiting) - self.in_flight)
 
     def current_load(self) -> int:
         return self.in_flight + self.others
 
-    def candidate(self, config: RouterConfig, now: float, match: Match) -> Candidate:
-        return Candidate(self.name, self.current_load(), self.overloaded(config, now), match)
+    def free_blocks(self) -> int | None:
+        """Blocks it can fill without evicting a cached prefix: its empty blocks at the last /metrics read, less
+        those this router has sent it work for since. None when the engine does not report them."""
+        if self.load is None or self.load.empty_blocks is None:
+            return None
+        return max(0, int(self.load.empty_blocks) - self.pending_blocks)
+
+    def candidate(self, config: RouterConfig, now: float, match: Match, prompt_blocks: int) -> Candidate:
+        """`prompt_blocks`: the prompt's full blocks in its block size."""
+        return Candidate(self.name, self.current_load(), self.overloaded(config, now), match, prompt_blocks,
+                         self.free_blocks())

@@ -6,12 +6,18 @@
    The least loaded always qualifies. The slack is there because at low load the relative bound alone
    moves requests off the engine holding their prefix over a difference of one request, and recomputing
    a long prefix costs far more than that (SGLang's router has the same absolute threshold).
-3. Of those, the one holding the request's longest cached prefix (`prefix`: by the engines' own
-   events; `recent`: counting prefixes this router has just sent), least loaded on ties.
-4. No engine holds any of it: rendezvous hashing of the request's leading blocks (`hash`), so requests
-   that share a prefix meet on one engine even before any engine reports it, or when engines publish
-   no events at all.
-5. Nothing to key (no prompt): the least loaded engine (`load`).
+3. Of those, the cheapest for the KV cache: the blocks the engine must compute (the prompt's blocks past
+   its cached prefix) plus the cached blocks it must evict to hold them, each a likely recompute later.
+   Where every pool is full, as in the steady state, or engines do not report room, this is the longest
+   cached prefix. It differs while some pool has room: a prefix an engine holds less than half of, and
+   must evict to complete, goes to an engine with room instead; otherwise the blocks hashing gave one
+   engine beyond its pool are evicted and recomputed in turn, while another pool sits empty.
+4. Of the cheapest, the one holding the longest cached prefix (`prefix`: by the engines' own events;
+   `recent`: counting prefixes this router has just sent), least loaded on ties.
+5. None holds any of it: rendezvous hashing of the request's leading blocks (`hash`), so requests that
+   share a prefix meet on one engine even before any engine reports it, or when engines publish no
+   events at all.
+6. Nothing to key (no prompt): the least loaded engine (`load`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ class Candidate:
     load: int  # requests on the engine now: the larger of this router's in flight and the engine's own count
     overloaded: bool
     match: Match = NO_MATCH
+    prompt_blocks: int = 0  # the prompt's full blocks, in this engine's block size
+    free_blocks: int | None = None  # blocks it can fill without evicting a cached one (None: unknown)
+
+    def cost(self) -> int:
+        """Blocks computed, plus cached blocks evicted to hold them."""
+        need = max(0, self.prompt_blocks - self.match.recent)
+        return need + (0 if self.free_blocks is None else max(0, need - self.free_blocks))
 
 
 @dataclass(frozen=True)
@@ -55,12 +68,14 @@ def pick(candidates: Sequence[Candidate], hash_key: int | None, load_factor: flo
         return None
     bound = load_bound(sum(c.load for c in room), len(room), load_factor, load_slack)
     within = [c for c in room if c.load + 1 <= bound]
-    best = max(within, key=lambda c: (c.match.recent, -c.load, c.name))
+    cheapest = min(c.cost() for c in within)
+    pool = [c for c in within if c.cost() == cheapest]
+    best = max(pool, key=lambda c: (c.match.recent, -c.load, c.name))
     if best.match.recent > 0:
         reason: Reason = "prefix" if best.match.cached == best.match.recent else "recent"
         return Pick(best.name, reason, best.match.recent)
     if hash_key is not None:
-        owner = max(within, key=lambda c: rendezvous(hash_key, c.name))
+        owner = max(pool, key=lambda c: rendezvous(hash_key, c.name))
         return Pick(owner.name, "hash", 0)
     least = min(within, key=lambda c: (c.load, c.name))
     return Pick(least.name, "load", 0)

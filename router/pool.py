@@ -108,7 +108,9 @@ class BackendPool:
         matches: dict[str, Match] = {}
         for size, group in by_size.items():
             matches.update(self.index.match(key.block_hashes(size), [s.name for s in group], now))
-        candidates = [s.candidate(config, now, matches[s.name]) for s in states]
+        candidates = [s.candidate(config, now, matches[s.name],
+                                  len(key.block_hashes(s.block_size or config.block_size)))
+                      for s in states]
         hash_key = key.hash_key(config.block_size, config.hash_prefix_blocks, config.hash_prefix_chars)
         chosen = pick(candidates, hash_key, config.load_factor, config.load_slack)
         if chosen is None:

@@ -141,6 +141,7 @@ def _count_pick(ctx: RouterContext, key: RouteKey, choice: Choice) -> None:
         ctx.metrics.prompt_tokens.inc(key.num_tokens)
         ctx.metrics.predicted_tokens.inc(pick.cached_blocks * (state.block_size or ctx.config.block_size))
     ctx.pool.index.note_route(state.name, choice.block_hashes, time.monotonic(), ctx.config.recent_route_ttl_s)
+    state.pending_blocks += max(0, len(choice.block_hashes) - pick.cached_blocks)
 
 
 async def _open(ctx: RouterContext, request: web.Request, state: BackendState, body: bytes) -> aiohttp.ClientResponse:

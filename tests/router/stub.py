@@ -35,6 +35,7 @@ class StubEngine:
     ready: bool = True
     running: int = 0
     waiting: int = 0
+    empty_blocks: int | None = None  # free blocks holding no cached prefix, as its /metrics report them
     kv: KVEventLog | None = None
     block_size: int = 16
     record: bool = True
@@ -121,6 +122,8 @@ class StubEngine:
         text = (f"kvpilot:num_requests_running{labels} {self.running}\n"
                 f"kvpilot:num_requests_waiting{labels} {self.waiting}\n"
                 f"kvpilot:kv_cache_usage_perc{labels} 0.1\n")
+        if self.empty_blocks is not None:
+            text += f"kvpilot:num_empty_kv_blocks{labels} {self.empty_blocks}\n"
         return web.Response(text=text)
 
     async def _kv_events(self, request: web.Request) -> web.Response:

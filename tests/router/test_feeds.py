@@ -55,6 +55,31 @@ async def _follow(client: httpx.AsyncClient, r: RunningRouter, engines: list[Stu
     assert (await _route(client, r.url))[1] == "hash"
 
 
+async def test_a_new_prefix_goes_where_it_fits_without_evicting(client: httpx.AsyncClient) -> None:
+    """Hashing alone could give one engine more prefixes than its pool holds while another's sits empty; the
+    router's own routes count against an engine's room until its next /metrics read says what is left."""
+    async with stubs(3) as engines:
+        for e in engines:
+            e.kv, e.empty_blocks = KVEventLog(), 8
+        async with router(engines, recent_route_ttl_s=0, scrape_interval_s=0.2) as r:
+            pool = r.ctx.pool
+            states = {s.name: s for s in pool.states}
+            await eventually(lambda: all(s.events_synced and s.free_blocks() == 8 for s in states.values()))
+            owner_name, reason = await _route(client, r.url)
+            assert reason == "hash"
+            owner = next(e for e in engines if e.name == owner_name)
+            assert states[owner_name].free_blocks() in (4, 8), "its four blocks count until the next read"
+
+            owner.empty_blocks = 2  # the prompt's four do not fit there without evicting
+            await eventually(lambda: states[owner_name].free_blocks() == 2)
+            elsewhere, reason = await _route(client, r.url)
+            assert reason == "hash" and elsewhere != owner.name
+            for e in engines:
+                e.empty_blocks = 0
+            await eventually(lambda: all(s.free_blocks() == 0 for s in states.values()))
+            assert await _route(client, r.url) == (owner.name, "hash"), "every pool full: the hash decides"
+
+
 async def test_engines_without_events_are_routed_by_hash(client: httpx.AsyncClient) -> None:
     async with stubs(2) as engines, router(engines) as r:  # stubs without a log answer /kv/events with 404
         await eventually(lambda: all(s.load is not None for s in r.ctx.pool.states))
@@ -78,6 +103,9 @@ def test_metrics_parsing_sums_series_and_skips_the_rest() -> None:
     text = ('# HELP kvpilot:num_requests_running x\nkvpilot:num_requests_running{a="1"} 3.0\n'
             'kvpilot:num_requests_waiting{a="1"} 2\nkvpilot:num_requests_waiting{a="2"} 1\n'
             'kvpilot:kv_cache_usage_perc{a="1"} 0.5\nkvpilot:prefix_cache_hits_total{a="1"} 64.0\n'
-            'kvpilot:time_to_first_token_seconds_bucket{le="0.1"} 9\nkvpilot:num_requests_running{a="1"} bad\n')
+            'kvpilot:time_to_first_token_seconds_bucket{le="0.1"} 9\nkvpilot:num_requests_running{a="1"} bad\n'
+            'kvpilot:num_empty_kv_blocks{a="1"} 192.0\n')
     load = parse_engine_metrics(text)
-    assert (load.running, load.waiting, load.kv_usage, load.prefix_hits) == (3.0, 3.0, 0.5, 64.0)
+    assert (load.running, load.waiting, load.kv_usage, load.prefix_hits, load.empty_blocks) == (3.0, 3.0, 0.5, 64.0,
+                                                                                                 192.0)
+    assert parse_engine_metrics("").empty_blocks is None, "an engine that does not report its room"

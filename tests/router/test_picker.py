@@ -62,6 +62,34 @@ def test_without_any_cached_prefix_consistent_hashing_keeps_keys_together() -> N
         assert owner is not None and owner.name == max("abcd", key=lambda n: rendezvous(key, n))
 
 
+def pooled(name: str, free: int | None, cached: int = 0, blocks: int = 56, load: int = 0) -> Candidate:
+    return Candidate(name, load, False, Match(cached, cached), blocks, free)
+
+
+def test_a_new_prefix_is_hashed_over_the_pools_with_room_while_any_has_it() -> None:
+    names = "abc"
+    for key in range(50):
+        owner = max(names, key=lambda n: rendezvous(key, n))
+        chosen = pick([pooled(n, 0 if n == owner else 100) for n in names], key, 1.25)
+        assert chosen is not None and chosen.reason == "hash"
+        assert chosen.name == max((n for n in names if n != owner), key=lambda n: rendezvous(key, n))
+        full = pick([pooled(n, 0) for n in names], key, 1.25)
+        assert full == pick([c(n) for n in names], key, 1.25), "every pool full: the hash alone, as when unknown"
+        roomier = pick([pooled(n, 30 if n == owner else 10) for n in names], key, 1.25)
+        assert roomier is not None and roomier.name == owner, "the least eviction"
+
+
+def test_a_prefix_held_in_part_on_a_full_pool_moves_only_when_less_than_half_is_held() -> None:
+    # Computing the rest there, and evicting as much (a likely recompute later), against all of it on an empty pool.
+    for held, where in ((20, "b"), (27, "b"), (29, "a"), (50, "a"), (56, "a")):
+        chosen = pick([pooled("a", 0, cached=held), pooled("b", 200)], 7, 1.25)
+        assert chosen is not None and chosen.name == where, (held, chosen)
+    partial = pick([pooled("a", 0, cached=20), pooled("b", 0), pooled("c", 0)], 7, 1.25)
+    assert partial is not None and (partial.name, partial.reason) == ("a", "prefix"), "no room anywhere: the match"
+    rest_fits = pick([pooled("a", 40, cached=20), pooled("b", 200)], 7, 1.25)
+    assert rest_fits is not None and rest_fits.name == "a", "the rest fits beside the prefix: no eviction"
+
+
 def test_nothing_to_key_goes_to_the_least_loaded() -> None:
     chosen = pick([c("a", 4), c("b", 1), c("c", 2)], hash_key=None, load_factor=1.25)
     assert chosen is not None and (chosen.name, chosen.reason) == ("b", "load")
@@ -74,12 +102,13 @@ def test_overloaded_engines_are_never_picked_and_none_left_means_wait() -> None:
     assert pick([], 7, 1.25) is None
 
 
-@given(st.lists(st.tuples(st.integers(0, 50), st.booleans(), st.integers(0, 20), st.integers(0, 20)),
-                min_size=1, max_size=8),
-       st.one_of(st.none(), st.integers(0, 2**64 - 1)), st.floats(1.0, 4.0), st.integers(0, 8))
-def test_properties(specs: list[tuple[int, bool, int, int]], key: int | None, factor: float, slack: int) -> None:
-    candidates = [Candidate(f"e{i}", load, over, Match(cached, max(cached, recent)))
-                  for i, (load, over, cached, recent) in enumerate(specs)]
+@given(st.lists(st.tuples(st.integers(0, 50), st.booleans(), st.integers(0, 20), st.integers(0, 20),
+                          st.one_of(st.none(), st.integers(0, 60))), min_size=1, max_size=8),
+       st.one_of(st.none(), st.integers(0, 2**64 - 1)), st.floats(1.0, 4.0), st.integers(0, 8), st.integers(0, 30))
+def test_properties(specs: list[tuple[int, bool, int, int, int | None]], key: int | None, factor: float, slack: int,
+                    blocks: int) -> None:
+    candidates = [Candidate(f"e{i}", load, over, Match(cached, max(cached, recent)), blocks, free)
+                  for i, (load, over, cached, recent, free) in enumerate(specs)]
     chosen = pick(candidates, key, factor, slack)
     room = [x for x in candidates if not x.overloaded]
     if not room:
@@ -91,4 +120,9 @@ def test_properties(specs: list[tuple[int, bool, int, int]], key: int | None, fa
     bound = load_bound(sum(x.load for x in room), len(room), factor, slack)
     assert picked.load + 1 <= bound, "within the load bound"
     within = [x for x in room if x.load + 1 <= bound]
-    assert picked.match.recent == max(x.match.recent for x in within), "the longest prefix available in bound"
+    assert picked.cost() == min(x.cost() for x in within), "the least computed plus evicted in bound"
+    assert picked.match.recent == max(x.match.recent for x in within if x.cost() == picked.cost()), \
+        "of those, the longest prefix"
+    if all(x.free_blocks is None for x in within):
+        assert picked.match.recent >= min(blocks, max(x.match.recent for x in within)), \
+            "pool sizes unknown: the longest prefix, as far as the prompt goes"
