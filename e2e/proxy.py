@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import json
 import logging
 from typing import Any
@@ -49,7 +48,7 @@ class ServiceProxy:
         self.selectors: dict[str, dict[str, str]] = {}
         self.routed: collections.Counter[str] = collections.Counter()  # pod -> requests
         self._warned: set[tuple[str, str]] = set()  # (service, pod) selected though it serves no port
-        self._rr = itertools.count()
+        self._turns: collections.Counter[str] = collections.Counter()  # per Service, as IPVS round-robin keeps it
         self.port = 0
         self._runner: aiohttp.web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -122,7 +121,8 @@ class ServiceProxy:
         targets = self.endpoints[service]
         if not targets:
             return _error(503, f"Service {service} has no ready endpoints", retry_after=1)
-        pod, port = targets[next(self._rr) % len(targets)]
+        pod, port = targets[self._turns[service] % len(targets)]
+        self._turns[service] += 1
         self.routed[pod] += 1
         if port is None:
             refused = _error(502, f"pod {pod} serves no port: the Service's selector matches a pod it should not")

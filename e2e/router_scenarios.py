@@ -9,6 +9,7 @@ Service, that is the routers. Prefix hits are the engines' own counters, read fr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import statistics
 import time
@@ -43,6 +44,17 @@ def _prompts(seed: int) -> list[list[str]]:
         prefix = " ".join(rng.choice(WORDS) for _ in range(PREFIX_WORDS))
         out.append([f"{prefix} {g} {r} {rng.choice(WORDS)}" for r in range(ROUNDS)])
     return out
+
+
+def _placement(outcomes: list[Outcome]) -> str:
+    """How a run's groups sat on the engines: groups per engine in the last round, and how often a group's
+    next round went to another engine than its last (each such move recomputes its prefix)."""
+    rounds = [outcomes[r * GROUPS:(r + 1) * GROUPS] for r in range(ROUNDS)]
+    last = [o.pod for o in rounds[-1]]
+    per_engine = sorted((last.count(p) for p in set(last)), reverse=True)
+    moves = sum(a.pod != b.pod for before, after in itertools.pairwise(rounds)
+                for a, b in zip(before, after, strict=True))
+    return f"groups per engine {'/'.join(map(str, per_engine))}, {moves} moves"
 
 
 def _ttft_ms(outcomes: list[Outcome]) -> float | None:
@@ -127,12 +139,16 @@ class RouterScenarios:
         about three of the eight groups' prefixes, so round-robin, which shows every engine every group, keeps
         evicting them, while the routers give each engine its own groups."""
         result = Result("3 replicas, shared-prefix traffic: routers vs round-robin", False)
-        revision = await self._revision_with(lambda engine: engine.update(numKvBlocks=KV_BLOCKS), 3)
+        base_args = self.s.spec["engine"]["extraArgs"]
+        # Room to wait for every request of a round on one engine: round-robin reaches the engines with no queue
+        # in front, and this compares caches, not the engines' admission bound (the overload scenario's).
+        wide = ["--max-waiting-requests", str(2 * GROUPS)]
+        revision = await self._revision_with(lambda engine: engine.update(numKvBlocks=KV_BLOCKS, extraArgs=wide), 3)
         try:
             rr_rate, rr_ttft, rr = await self._shared_prefix_run(self.c.proxy.url(self.s.engines), revision, seed=1)
             routed_rate, routed_ttft, routed = await self._shared_prefix_run(self.c.proxy.url(self.s.name), revision, 2)
         finally:
-            await self._revision_with(lambda engine: engine.update(numKvBlocks=None), 1)
+            await self._revision_with(lambda engine: engine.update(numKvBlocks=None, extraArgs=base_args), 1)
             self.s.spec["engine"].pop("numKvBlocks", None)
         failures = self.s._count(result, [*rr, *routed])
         ratio = routed_rate / rr_rate if rr_rate else float("inf")
@@ -141,7 +157,7 @@ class RouterScenarios:
         result.note = (f"{GROUPS} groups x {ROUNDS} rounds, {KV_BLOCKS} KV blocks per engine: prefix hit rate "
                        f"{routed_rate:.1%} routed vs {rr_rate:.1%} round-robin ({ratio:.1f}x, target >= "
                        f"{HIT_RATIO_TARGET:g}x); TTFT p50 {routed_ttft or 0:.1f} ms routed vs {rr_ttft or 0:.1f} ms "
-                       f"round-robin (lower: {faster})" + first_failure(failures))
+                       f"round-robin (lower: {faster}); routed {_placement(routed)}" + first_failure(failures))
         return result
 
     async def _cold_start(self, since: float) -> tuple[float, float]:
