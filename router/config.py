@@ -10,6 +10,7 @@ import argparse
 import types
 from typing import Any, Union, get_args, get_origin
 
+from kvpilot.router.picker import EVICTION_COST
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -44,6 +45,10 @@ class RouterConfig(BaseModel):
         default=8, ge=1, description="an engine with this many requests waiting (by its /metrics) is overloaded")
     max_kv_usage: float = Field(default=0.98, gt=0.0, le=1.0,
                                 description="an engine this full of KV with requests waiting is overloaded")
+    eviction_cost: float = Field(
+        default=EVICTION_COST, ge=0.0, le=100.0,
+        description="blocks of recompute one evicted cached block counts for when engines are compared, beside "
+        "the blocks each must compute (0: the longest cached prefix always wins)")
     hash_prefix_blocks: int = Field(default=4, ge=1, description="leading blocks that key consistent hashing")
     hash_prefix_chars: int = Field(default=256, ge=1,
                                    description="leading characters that key it when the router cannot tokenize")

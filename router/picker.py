@@ -7,11 +7,13 @@
    moves requests off the engine holding their prefix over a difference of one request, and recomputing
    a long prefix costs far more than that (SGLang's router has the same absolute threshold).
 3. Of those, the cheapest for the KV cache: the blocks the engine must compute (the prompt's blocks past
-   its cached prefix) plus the cached blocks it must evict to hold them, each a likely recompute later.
-   Where every pool is full, as in the steady state, or engines do not report room, this is the longest
-   cached prefix. It differs while some pool has room: a prefix an engine holds less than half of, and
-   must evict to complete, goes to an engine with room instead; otherwise the blocks hashing gave one
-   engine beyond its pool are evicted and recomputed in turn, while another pool sits empty.
+   its cached prefix) plus `eviction_cost` times the cached blocks it must evict to hold them. Where every
+   pool is full, as in the steady state, or engines do not report room, this is the longest cached
+   prefix. It differs while some pool has room: a prefix an engine holds less than 2/3 of (at the default
+   cost of 2), and must evict to complete, goes to an engine with room instead; otherwise the blocks
+   hashing gave one engine beyond its pool are evicted and recomputed in turn, while another pool sits
+   empty. An evicted block costs 2 by default, not 1: on an over-full pool it is recomputed later, and
+   that recompute evicts another prefix's tail in turn, round after round.
 4. Of the cheapest, the one holding the longest cached prefix (`prefix`: by the engines' own events;
    `recent`: counting prefixes this router has just sent), least loaded on ties.
 5. None holds any of it: rendezvous hashing of the request's leading blocks (`hash`), so requests that
@@ -31,6 +33,7 @@ from kvpilot.router.index import Match
 from kvpilot.router.keys import rendezvous
 
 NO_MATCH = Match(0, 0)
+EVICTION_COST = 2.0  # RouterConfig.eviction_cost's default
 Reason = Literal["prefix", "recent", "hash", "load"]
 REASONS: tuple[Reason, ...] = ("prefix", "recent", "hash", "load")
 
@@ -44,10 +47,10 @@ class Candidate:
     prompt_blocks: int = 0  # the prompt's full blocks, in this engine's block size
     free_blocks: int | None = None  # blocks it can fill without evicting a cached one (None: unknown)
 
-    def cost(self) -> int:
-        """Blocks computed, plus cached blocks evicted to hold them."""
+    def cost(self, eviction_cost: float = EVICTION_COST) -> float:
+        """Blocks computed, plus `eviction_cost` per cached block evicted to hold them."""
         need = max(0, self.prompt_blocks - self.match.recent)
-        return need + (0 if self.free_blocks is None else max(0, need - self.free_blocks))
+        return need + eviction_cost * (0 if self.free_blocks is None else max(0, need - self.free_blocks))
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,15 @@ def load_bound(total_load: int, engines: int, load_factor: float, load_slack: in
 
 
 def pick(candidates: Sequence[Candidate], hash_key: int | None, load_factor: float,
-         load_slack: int = 0) -> Pick | None:
+         load_slack: int = 0, eviction_cost: float = EVICTION_COST) -> Pick | None:
     room = [c for c in candidates if not c.overloaded]
     if not room:
         return None
     bound = load_bound(sum(c.load for c in room), len(room), load_factor, load_slack)
     within = [c for c in room if c.load + 1 <= bound]
-    cheapest = min(c.cost() for c in within)
-    pool = [c for c in within if c.cost() == cheapest]
+    costs = {c.name: c.cost(eviction_cost) for c in within}
+    cheapest = min(costs.values())
+    pool = [c for c in within if costs[c.name] == cheapest]
     best = max(pool, key=lambda c: (c.match.recent, -c.load, c.name))
     if best.match.recent > 0:
         reason: Reason = "prefix" if best.match.cached == best.match.recent else "recent"

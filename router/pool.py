@@ -112,7 +112,7 @@ class BackendPool:
                                   len(key.block_hashes(s.block_size or config.block_size)))
                       for s in states]
         hash_key = key.hash_key(config.block_size, config.hash_prefix_blocks, config.hash_prefix_chars)
-        chosen = pick(candidates, hash_key, config.load_factor, config.load_slack)
+        chosen = pick(candidates, hash_key, config.load_factor, config.load_slack, config.eviction_cost)
         if chosen is None:
             return None
         state = next(s for s in states if s.name == chosen.name)

@@ -79,11 +79,14 @@ def test_a_new_prefix_is_hashed_over_the_pools_with_room_while_any_has_it() -> N
         assert roomier is not None and roomier.name == owner, "the least eviction"
 
 
-def test_a_prefix_held_in_part_on_a_full_pool_moves_only_when_less_than_half_is_held() -> None:
-    # Computing the rest there, and evicting as much (a likely recompute later), against all of it on an empty pool.
-    for held, where in ((20, "b"), (27, "b"), (29, "a"), (50, "a"), (56, "a")):
-        chosen = pick([pooled("a", 0, cached=held), pooled("b", 200)], 7, 1.25)
-        assert chosen is not None and chosen.name == where, (held, chosen)
+def test_a_prefix_held_in_part_on_a_full_pool_moves_when_completing_it_evicts_too_much() -> None:
+    # Computing the rest there, and evicting as much, each evicted block weighed `eviction_cost`, against all of
+    # it on an empty pool: at a weight of 1 a prefix moves when less than half is held, at the default of 2 when
+    # less than two thirds is.
+    for held, cost, where in ((27, 1.0, "b"), (29, 1.0, "a"), (29, 2.0, "b"), (37, 2.0, "b"), (38, 2.0, "a"),
+                              (50, 2.0, "a"), (56, 2.0, "a"), (1, 0.0, "a")):
+        chosen = pick([pooled("a", 0, cached=held), pooled("b", 200)], 7, 1.25, eviction_cost=cost)
+        assert chosen is not None and chosen.name == where, (held, cost, chosen)
     partial = pick([pooled("a", 0, cached=20), pooled("b", 0), pooled("c", 0)], 7, 1.25)
     assert partial is not None and (partial.name, partial.reason) == ("a", "prefix"), "no room anywhere: the match"
     rest_fits = pick([pooled("a", 40, cached=20), pooled("b", 200)], 7, 1.25)
@@ -104,12 +107,13 @@ def test_overloaded_engines_are_never_picked_and_none_left_means_wait() -> None:
 
 @given(st.lists(st.tuples(st.integers(0, 50), st.booleans(), st.integers(0, 20), st.integers(0, 20),
                           st.one_of(st.none(), st.integers(0, 60))), min_size=1, max_size=8),
-       st.one_of(st.none(), st.integers(0, 2**64 - 1)), st.floats(1.0, 4.0), st.integers(0, 8), st.integers(0, 30))
+       st.one_of(st.none(), st.integers(0, 2**64 - 1)), st.floats(1.0, 4.0), st.integers(0, 8), st.integers(0, 30),
+       st.sampled_from([0.0, 1.0, 2.0, 3.5]))
 def test_properties(specs: list[tuple[int, bool, int, int, int | None]], key: int | None, factor: float, slack: int,
-                    blocks: int) -> None:
+                    blocks: int, eviction_cost: float) -> None:
     candidates = [Candidate(f"e{i}", load, over, Match(cached, max(cached, recent)), blocks, free)
                   for i, (load, over, cached, recent, free) in enumerate(specs)]
-    chosen = pick(candidates, key, factor, slack)
+    chosen = pick(candidates, key, factor, slack, eviction_cost)
     room = [x for x in candidates if not x.overloaded]
     if not room:
         assert chosen is None
@@ -120,8 +124,9 @@ def test_properties(specs: list[tuple[int, bool, int, int, int | None]], key: in
     bound = load_bound(sum(x.load for x in room), len(room), factor, slack)
     assert picked.load + 1 <= bound, "within the load bound"
     within = [x for x in room if x.load + 1 <= bound]
-    assert picked.cost() == min(x.cost() for x in within), "the least computed plus evicted in bound"
-    assert picked.match.recent == max(x.match.recent for x in within if x.cost() == picked.cost()), \
+    assert picked.cost(eviction_cost) == min(x.cost(eviction_cost) for x in within), "the least cost in bound"
+    assert picked.match.recent == max(x.match.recent for x in within
+                                      if x.cost(eviction_cost) == picked.cost(eviction_cost)), \
         "of those, the longest prefix"
     if all(x.free_blocks is None for x in within):
         assert picked.match.recent >= min(blocks, max(x.match.recent for x in within)), \
