@@ -1,4 +1,5 @@
-"""kube-proxy for the harness: `/{namespace}/{service}/...` goes to a ready pod the Service selects.
+"""kube-proxy for the harness: `/{namespace}/{service}/...` goes to a ready pod the Service selects, each Service's
+pods in turn (round-robin per Service, as IPVS keeps it).
 
 Endpoints are re-read from the API every `refresh_s` (Services' selectors, Pods' labels and Ready
 condition), so a selector switch or a pod going unready takes effect as it would in a cluster.
