@@ -10,8 +10,11 @@ import argparse
 import types
 from typing import Any, Union, get_args, get_origin
 
-from kvpilot.router.picker import EVICTION_COST
 from pydantic import BaseModel, ConfigDict, Field
+
+# Blocks of recompute one evicted cached block counts for (picker.py says why 2). Here, not in picker.py, so that
+# the operator, which reads RouterConfig, never imports the router's tokenizer.
+EVICTION_COST = 2.0
 
 
 class RouterConfig(BaseModel):

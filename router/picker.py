@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from kvpilot.router.config import EVICTION_COST
 from kvpilot.router.index import Match
 from kvpilot.router.keys import rendezvous
 
 NO_MATCH = Match(0, 0)
-EVICTION_COST = 2.0  # RouterConfig.eviction_cost's default
 Reason = Literal["prefix", "recent", "hash", "load"]
 REASONS: tuple[Reason, ...] = ("prefix", "recent", "hash", "load")
 
