@@ -176,3 +176,42 @@ def run_checks() -> list[dict[str, Any]]:
         except Exception as exc:  # report the failure and keep checking the other kernels
             results.append({"kernel": kernel, "case": case, "rel_err": float("inf"), "ok": False, "error": repr(exc)})
     return results
+
+
+def family(check: dict[str, Any]) -> str:
+    """Which timings a failed check must stop: fp8, moe, or core (everything else)."""
+    if "fp8" in check["kernel"] or "e4m3" in check["case"]:
+        return "fp8"
+    return "moe" if check["kernel"] == "fused_moe" else "core"
+
+
+def main() -> int:
+    """Every check, written to bench/results/kernel-checks.json. `--ok-dir D` touches D/<family> for each family
+    whose checks all passed, so a device script times only what was verified; exit 1 if any check fails."""
+    import argparse
+    from pathlib import Path
+
+    from common import provenance, write_result
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ok-dir", type=Path)
+    args = parser.parse_args()
+    checks = [{**c, "family": family(c)} for c in run_checks()]
+    failed = [c for c in checks if not c["ok"]]
+    write_result("kernel-checks", {**provenance(), "passed": len(checks) - len(failed), "failed": len(failed),
+                                   "checks": checks})
+    for c in checks:
+        print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['kernel']:<28} {c['case']:<44} {c['rel_err']:.2e}",
+              c.get("error", ""))
+    for fam in sorted({c["family"] for c in checks}):
+        ok = all(c["ok"] for c in checks if c["family"] == fam)
+        print(f"family {fam}: {'passed' if ok else 'FAILED'}")
+        if ok and args.ok_dir:
+            args.ok_dir.mkdir(parents=True, exist_ok=True)
+            (args.ok_dir / fam).touch()
+    print(f"{len(checks) - len(failed)}/{len(checks)} kernel checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

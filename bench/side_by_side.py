@@ -123,11 +123,11 @@ class Precision:
 class KvpilotOffline:
     name = "kvpilot"
 
-    def __init__(self, shape: str, max_model_len: int, precision: Precision) -> None:
+    def __init__(self, shape: str, max_model_len: int, precision: Precision, extra: dict[str, Any]) -> None:
         from kvpilot.engine import LLM
 
         self.llm = LLM(str(shape_dir(shape)), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
-                       **precision.kwargs())
+                       **precision.kwargs(), **extra)
 
     def generate(self, prompts: list[list[int]], specs: list[Spec]) -> int:
         from kvpilot.engine import SamplingParams
@@ -143,11 +143,11 @@ class KvpilotOffline:
 class VllmOffline:
     name = "vllm"
 
-    def __init__(self, shape: str, max_model_len: int, precision: Precision) -> None:
+    def __init__(self, shape: str, max_model_len: int, precision: Precision, extra: dict[str, Any]) -> None:
         from vllm import LLM
 
         self.llm = LLM(model=str(shape_dir(shape)), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
-                       skip_tokenizer_init=True, gpu_memory_utilization=0.9, **precision.kwargs())
+                       skip_tokenizer_init=True, gpu_memory_utilization=0.9, **precision.kwargs(), **extra)
 
     def generate(self, prompts: list[list[int]], specs: list[Spec]) -> int:
         from vllm import SamplingParams
@@ -169,6 +169,21 @@ class VllmOffline:
                 "enable_prefix_caching": cache.enable_prefix_caching, "block_size": cache.block_size,
                 "num_gpu_blocks": cache.num_gpu_blocks, "gpu_memory_utilization": cache.gpu_memory_utilization,
                 "compilation_config": str(cfg.compilation_config)[:2000]}
+
+
+def engine_args(pairs: list[str]) -> dict[str, Any]:
+    """`--engine-arg max_num_seqs=1024` pairs as constructor keywords; a value that parses as JSON is taken as
+    such (numbers, booleans), any other as a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--engine-arg takes KEY=VALUE, not {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
 
 def _timed(engine: Any, prompts: list[list[int]], specs: list[Spec]) -> tuple[float, int]:
@@ -193,10 +208,12 @@ def decode_ms(engine: Any, batch: int, vocab: int, prompt_len: int = 128) -> flo
 def run_offline(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     precision = Precision(args.quantization, args.kv_cache_dtype)
-    engine = (KvpilotOffline if args.engine == "kvpilot" else VllmOffline)(args.shape, args.max_model_len, precision)
+    extra = engine_args(args.engine_arg)
+    engine = (KvpilotOffline if args.engine == "kvpilot" else VllmOffline)(args.shape, args.max_model_len, precision,
+                                                                          extra)
     init_s = round(time.perf_counter() - start, 1)
     result: dict[str, Any] = {"engine": args.engine, "shape": args.shape, "precision": precision.kwargs(),
-                              "init_s": init_s, "knobs": engine.knobs(), "workloads": {}}
+                              "engine_args": extra, "init_s": init_s, "knobs": engine.knobs(), "workloads": {}}
     engine.generate([[5, 6, 7] * 40], [Spec(8, 0.0)])  # one warm request, as both engines' servers do
     vocab = vocab_size(args.shape)
     for name in args.workloads.split(","):
@@ -328,6 +345,8 @@ def main() -> None:
     parser.add_argument("--workloads", default="decode,nano,random,prefix,mixed",
                         help="of decode, decode_long, nano, random, prefix, mixed")
     parser.add_argument("--decode-batches", default="1,128", help="offline decode: batch sizes timed")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="offline: a keyword for the engine's LLM(), e.g. max_num_seqs=1024 (repeatable)")
     parser.add_argument("--rates", default="8,16,24,32,48,64")
     parser.add_argument("--num-prompts", type=int, default=240)
     parser.add_argument("--cold-seconds", type=float, default=30.0)
