@@ -48,6 +48,16 @@ def _run(llm: Any, prompts: list[list[int]], params: list[Any]) -> tuple[float, 
     return time.perf_counter() - start, steps, tokens
 
 
+def _release() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
@@ -57,11 +67,14 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--kv-cache-gib", type=float, help="each engine's KV pool (default: the engine's sizing)")
     args = parser.parse_args()
     from kvpilot.engine import LLM, SamplingParams, StructuredOutputs
 
     knobs = {"model": args.model, "device": args.device, "load_format": args.load_format,
              "max_model_len": args.max_model_len, "max_num_seqs": max(args.batch, 8)}
+    if args.kv_cache_gib:
+        knobs["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 1024**3)
     results: dict[str, Any] = {"knobs": {**knobs, "batch": args.batch, "input_len": args.input_len,
                                          "output_len": args.output_len}}
     prompts = [[(7 * i + j) % 200 + 10 for j in range(args.input_len)] for i in range(args.batch)]
@@ -76,6 +89,8 @@ def main() -> None:
         print(f"{name:12s} {tokens} tokens in {wall:.2f} s over {steps} steps: {tokens / wall:,.0f} tok/s")
     rows["constrained_over_free"] = rows["constrained"]["tok_per_s"] / rows["free"]["tok_per_s"]
     results["throughput"] = rows
+    del llm  # one engine at a time: each sizes its pool from the memory the others leave
+    _release()
     jump: dict[str, Any] = {}
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0,
                             structured_outputs=StructuredOutputs(json=_schema("jump")))
@@ -87,6 +102,8 @@ def main() -> None:
         jump["on" if on else "off"] = {"wall_s": wall, "steps": steps, "output_tokens": tokens,
                                        "forced_tokens": engine.core.jump_forward_tokens - forced}
         print(f"jump-forward {'on ' if on else 'off'}: {steps} steps, {wall * 1000:.0f} ms, {tokens} tokens")
+        del engine
+        _release()
     results["jump_forward"] = jump
     device = "cpu" if args.device == "cpu" else "gpu"
     write_result(f"structured-{device}", {**provenance(), **results})

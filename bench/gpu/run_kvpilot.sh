@@ -43,7 +43,7 @@ for step in "$@"; do
     fp8-gemm) verified fp8 && timeout -k 5 "${FP8_S:-240}" python3 bench/fp8_gemm.py 2>&1 | grep -v "^ok " ;;
     structured) verified core && timeout -k 5 60 python3 bench/large_vocab.py --shape llama-3.1-8b --out /tmp/llama-8b-tok \
                   && timeout -k 5 "${STRUCTURED_S:-300}" python3 bench/structured.py --model /tmp/llama-8b-tok \
-                     --load-format dummy --batch 64 2>&1 | grep -v Warn ;;
+                     --load-format dummy --batch 64 --kv-cache-gib 12 2>&1 | grep -v Warn ;;
     offline) verified core || continue
              if [ -n "${PRECISION:-}" ]; then verified fp8 || continue; fi
              case ${SHAPE:-} in *a3b* | *mixtral* | *moe*) verified moe || continue ;; esac
