@@ -178,6 +178,24 @@ def run_checks() -> list[dict[str, Any]]:
     return results
 
 
+# ---- command line: what follows does not change what is checked
+
+
+def sources_sha256() -> str:
+    """One hash over the kernels (sources and tile tables) and the checks above this file's command line: a
+    recorded pass stands for exactly this code."""
+    import hashlib
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    kernels = [f for f in sorted((here.parent / "kernels").rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
+    digest = hashlib.sha256()
+    for path in [*kernels, here / "fp8_kernel_checks.py"]:
+        digest.update(path.relative_to(here.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    digest.update(Path(__file__).read_text().split("\n\n\n# ---- command line")[0].encode())
+    return digest.hexdigest()
+
+
 def family(check: dict[str, Any]) -> str:
     """Which timings a failed check must stop: fp8, moe, or core (everything else)."""
     if "fp8" in check["kernel"] or "e4m3" in check["case"]:
@@ -189,17 +207,28 @@ def main() -> int:
     """Every check, written to bench/results/kernel-checks.json. `--ok-dir D` touches D/<family> for each family
     whose checks all passed, so a device script times only what was verified; exit 1 if any check fails."""
     import argparse
+    import json
     from pathlib import Path
 
     from common import provenance, write_result
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ok-dir", type=Path)
+    parser.add_argument("--reuse", type=Path, help="a recorded run: taken instead of checking again when it ran on "
+                        "this kind of device over these very sources (kernels/ and the checks)")
     args = parser.parse_args()
-    checks = [{**c, "family": family(c)} for c in run_checks()]
+    recorded = json.loads(args.reuse.read_text()) if args.reuse and args.reuse.is_file() else None
+    if recorded and recorded.get("sources_sha256") == sources_sha256() and recorded["device"].get("name") == (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    ):
+        print(f"reusing {args.reuse}: run at {recorded['commit']} on {recorded['date']} over these sources")
+        checks = recorded["checks"]
+    else:
+        checks = [{**c, "family": family(c)} for c in run_checks()]
+        write_result("kernel-checks", {**provenance(), "sources_sha256": sources_sha256(),
+                                       "passed": sum(c["ok"] for c in checks),
+                                       "failed": sum(not c["ok"] for c in checks), "checks": checks})
     failed = [c for c in checks if not c["ok"]]
-    write_result("kernel-checks", {**provenance(), "passed": len(checks) - len(failed), "failed": len(failed),
-                                   "checks": checks})
     for c in checks:
         print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['kernel']:<28} {c['case']:<44} {c['rel_err']:.2e}",
               c.get("error", ""))

@@ -165,10 +165,10 @@ class SamplingParams(BaseModel):
 
     @property
     def needs_history(self) -> bool:
-        """Whether sampling needs every previous token on the host: penalties read them, and a grammar's matcher
-        must accept the last one before the next token's mask can be filled."""
-        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
-                or self.structured_outputs is not None)
+        """Whether sampling needs every previous token on the host before the next step is scheduled: penalties
+        read them. (A grammar needs only the last one, and only at sampling time: the engine reads it back
+        while the next forward runs.)"""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
 
     @cached_property
     def stop_token_set(self) -> frozenset[int]:

@@ -211,7 +211,7 @@ class EngineCore:
         return [self._fail(request, exc) for request, exc in failed]
 
     def _needs_history(self) -> bool:
-        """Whether a running sequence's sampling needs its previous tokens on the host (penalties, a grammar)."""
+        """Whether a running sequence's sampling needs its previous tokens on the host (penalties)."""
         return any(seq.params.needs_history for seq in self.scheduler.running)
 
     def _launch(self, scheduled: list[tuple[Sequence, int]], failed: list[CoreOutput]) -> _InFlight | None:
@@ -222,8 +222,15 @@ class EngineCore:
                 self.workers.send(inputs)
             prev_tokens = prev.samples.tokens if prev is not None and prev.samples is not None else None
             logits, prompt = self.runner.run(inputs, prev_tokens)
-            mask = self._grammar_mask(plan.sampled)  # on the host while the device runs the forward
-            samples, sampled = self._sample(logits, plan.sampled, failed, mask)
+            to_sample = plan.sampled
+            if prev is not None and any(seq.grammar is not None for seq in to_sample):
+                # The matchers must accept the previous step's tokens before this step's mask: read them back
+                # now, while the device runs this step's forward.
+                failed += self._collect(prev)
+                self._in_flight = None
+                logits, to_sample = self._still_sampled(logits, to_sample, scheduled)
+            mask = self._grammar_mask(to_sample)  # on the host while the device runs the forward
+            samples, sampled = self._sample(logits, to_sample, failed, mask)
         except Exception as exc:
             if is_engine_fault(exc) or self.workers is not None:  # ranks would disagree on what ran
                 raise
@@ -254,6 +261,18 @@ class EngineCore:
             done.record()
         rows = {seq.seq_id: row for row, seq in enumerate(sampled)}
         return _InFlight(sampled, samples, host, done, rows, plan.prompt, prompt, inputs.prompt_targets, plan.ended)
+
+    @staticmethod
+    def _still_sampled(logits: torch.Tensor, seqs: list[Sequence], scheduled: list[tuple[Sequence, int]]
+                       ) -> tuple[torch.Tensor, list[Sequence]]:
+        """The rows to sample once the previous step is read back: not the samples that ended in it, nor those
+        its grammar jumped forward (their forced tokens follow; the synchronous engine never sampled here)."""
+        computes = {seq.seq_id: seq.num_computed_tokens + n for seq, n in scheduled}
+        keep = [i for i, seq in enumerate(seqs) if not seq.finished and seq.num_tokens == computes[seq.seq_id]]
+        if len(keep) == len(seqs):
+            return logits, seqs
+        index = torch.tensor(keep, dtype=torch.long).to(logits.device, non_blocking=True)
+        return logits.index_select(0, index), [seqs[i] for i in keep]
 
     def _grammar_mask(self, sampled: list[Sequence]) -> GrammarMask | None:
         grammars = [(row, seq.grammar) for row, seq in enumerate(sampled) if seq.grammar is not None]
@@ -345,23 +364,30 @@ class EngineCore:
         grammar = seq.grammar
         if grammar is not None and not grammar.accept(token):
             raise RuntimeError(f"the grammar rejected token {token}, which its own mask allowed")
-        max_len = self.config.max_model_len or 0
         if (not p.ignore_eos and token in self.eos_token_ids) or (grammar is not None and grammar.terminated):
             update.finish_reason = "stop"
         elif token in p.stop_token_set:
             update.finish_reason, update.stop_reason = "stop", token
         elif grammar is not None and self.config.jump_forward:
-            room = min(p.max_tokens - (seq.num_output_tokens - seq.num_pending), max_len - seq.num_tokens)
-            forced = grammar.jump_forward(room, p.stop_token_set)
-            if forced:  # known tokens the next step computes as one chunk, then samples after them
-                seq.token_ids.extend(forced)
-                update.new_token_ids += forced
-                if update.new_logprobs is not None:  # the grammar allows nothing else: probability 1
-                    update.new_logprobs += [TokenLogprob(t, 0.0, {t: 0.0}) for t in forced]
-                self.jump_forward_tokens += len(forced)
+            self._jump(seq, update)
+        return self._end_update(seq, update)
+
+    def _jump(self, seq: Sequence, update: SeqUpdate) -> None:
+        """Append the tokens the grammar forces: the next step computes them as one chunk, then samples."""
+        max_len = self.config.max_model_len or 0
+        room = min(seq.params.max_tokens - (seq.num_output_tokens - seq.num_pending), max_len - seq.num_tokens)
+        forced = seq.grammar.jump_forward(room, seq.params.stop_token_set)
+        seq.token_ids.extend(forced)
+        update.new_token_ids += forced
+        if update.new_logprobs is not None:  # the grammar allows nothing else: probability 1
+            update.new_logprobs += [TokenLogprob(t, 0.0, {t: 0.0}) for t in forced]
+        self.jump_forward_tokens += len(forced)
+
+    def _end_update(self, seq: Sequence, update: SeqUpdate) -> SeqUpdate:
         self.kv.cache_full_blocks(seq)
+        max_len = self.config.max_model_len or 0
         if update.finish_reason is None and (
-            seq.num_output_tokens - seq.num_pending >= p.max_tokens or seq.num_known_tokens >= max_len
+            seq.num_output_tokens - seq.num_pending >= seq.params.max_tokens or seq.num_known_tokens >= max_len
         ):
             update.finish_reason = "length"
         if update.finish_reason is not None:

@@ -87,4 +87,6 @@ class LLM:
                 raise RuntimeError("engine idle with unfinished requests: a scheduling invariant broke")
             for out in self.step():
                 done[out.request_id] = out
+        while self.core.has_unfinished and not self.core.requests:  # the step launched after the last output
+            self.step()
         return [done[i] for i in ids]

@@ -42,8 +42,12 @@ def resolve(config: EngineConfig) -> ModelInfo:
     return ModelInfo(config.model_copy(update={"max_model_len": max_len}), model_dir, arch)
 
 
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+
+
 def load_tokenizer(model_dir: Path) -> Any | None:
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+    if not has_tokenizer(model_dir):
         log.warning("no tokenizer in %s: prompts must be token ids and outputs carry no text", model_dir)
         return None
     from transformers import AutoTokenizer

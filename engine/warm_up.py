@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from kvpilot.engine.config import SamplingParams, StructuredOutputs
 from kvpilot.engine.messages import EngineRequest
+from kvpilot.engine.model_info import has_tokenizer
 
 if TYPE_CHECKING:
     from kvpilot.engine.engine_core import EngineCore
@@ -40,9 +41,11 @@ def warm_up(core: EngineCore) -> None:
     start = time.perf_counter()
     longest = min(core.config.max_num_batched_tokens + 64, (core.config.max_model_len or 0) - 16)
     lengths = [n for n in (1, 2, 17, 64, 333, longest) if 0 < n <= longest]
+    # A model without a tokenizer takes no grammar (its requests get a clear error): nothing to warm.
+    kinds = KINDS if has_tokenizer(core.grammars.compiler.model_dir) else KINDS[:-1]
     for i, n in enumerate(lengths):
         prompt = [7 + (j % 1000) for j in range(n)]
-        core.add(EngineRequest(f"warmup-{i}", prompt, KINDS[i % len(KINDS)], time.monotonic()))
+        core.add(EngineRequest(f"warmup-{i}", prompt, kinds[i % len(kinds)], time.monotonic()))
         core.step()  # the next prompt joins the decodes already running: mixed steps too
     while core.has_unfinished:
         core.step()

@@ -59,5 +59,5 @@ done
 mkdir -p "$RETURN"
 find bench/results kernels/fused_moe_configs /tmp -maxdepth 1 -type f \( -name "*.json" -o -name "*.log" \) \
   -newer "$STARTED" > /tmp/returned.txt
-tar -czf "$RETURN/kvpilot-$(IFS=-; echo "$*").tgz" -T /tmp/returned.txt && cat /tmp/returned.txt
+tar -czf "$RETURN/kvpilot-$(date +%H%M%S)-$(IFS=-; echo "$*").tgz" -T /tmp/returned.txt && cat /tmp/returned.txt
 ls -la "$RETURN"

@@ -35,4 +35,4 @@ for step in "$@"; do
 done
 mkdir -p "$RETURN"
 find bench/results /tmp -maxdepth 1 -type f \( -name "*.json" -o -name "*.log" \) -newer "$STARTED" > /tmp/returned.txt
-tar -czf "$RETURN/vllm-$(IFS=-; echo "$*").tgz" -T /tmp/returned.txt && cat /tmp/returned.txt
+tar -czf "$RETURN/vllm-$(date +%H%M%S)-$(IFS=-; echo "$*").tgz" -T /tmp/returned.txt && cat /tmp/returned.txt

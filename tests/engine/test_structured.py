@@ -182,14 +182,15 @@ def test_abort_while_compiling_frees_everything(llm: LLM) -> None:
     assert len(llm.core.grammars) == 0 and not llm.core.scheduler.has_work
 
 
-def test_jump_forward_appends_forced_tokens_without_steps(llm: LLM) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_jump_forward_appends_forced_tokens_without_steps(llm: LLM, async_scheduling: bool) -> None:
     keys = [f"configuration_parameter_number_{i}_value" for i in range(6)]
     schema = {"type": "object", "properties": {k: {"type": "boolean"} for k in keys}, "required": keys,
               "additionalProperties": False}
     params = SamplingParams(max_tokens=300, temperature=0.0, structured_outputs=StructuredOutputs(json=schema))
     counts = {}
     for jump in (True, False):
-        engine = LLM("demo", **ENGINE, jump_forward=jump)
+        engine = LLM("demo", **ENGINE, jump_forward=jump, async_scheduling=async_scheduling)
         request_id = engine.add_request("Settings:", params)
         steps, final = 0, None
         while engine.core.has_unfinished:
@@ -198,7 +199,52 @@ def test_jump_forward_appends_forced_tokens_without_steps(llm: LLM) -> None:
         counts[jump] = (steps, engine.core.jump_forward_tokens, final.outputs[0])
     (steps_on, saved, out_on), (steps_off, none_saved, out_off) = counts[True], counts[False]
     assert none_saved == 0 and saved > 50
-    # One step per sampled token (the prefill samples the first), plus a few waiting for the compile.
-    assert len(out_on.token_ids) - saved <= steps_on <= len(out_on.token_ids) - saved + 5
+    # One step per sampled token (the prefill samples the first), plus a few waiting for the compile. With
+    # async scheduling a step is already computing the sampled token when its grammar's jump is found: it
+    # samples nothing, and the forced tokens go in the step after it.
+    sampled = len(out_on.token_ids) - saved
+    assert sampled <= steps_on <= (2 if async_scheduling else 1) * sampled + 5
     assert steps_off >= len(out_off.token_ids) > 5 * steps_on
     assert json.loads(out_on.text).keys() == set(keys) and json.loads(out_off.text).keys() == set(keys)
+
+
+def _run_recording_overlap(engine: LLM, reqs: list[tuple[list[int], SamplingParams]]) -> tuple[list, list[bool]]:
+    """Outputs, and for each collected step whether a later forward was already queued when it was read back."""
+    core, runs, launched_at, overlapped = engine.core, [0], {}, []
+    run, launch, collect = core.runner.run, core._launch, core._collect
+
+    def counting_run(*args, **kwargs):
+        runs[0] += 1
+        return run(*args, **kwargs)
+
+    def recording_launch(*args, **kwargs):
+        flight = launch(*args, **kwargs)
+        if flight is not None:
+            launched_at[id(flight)] = runs[0]
+        return flight
+
+    def recording_collect(flight):
+        overlapped.append(runs[0] > launched_at[id(flight)])
+        return collect(flight)
+
+    core.runner.run, core._launch, core._collect = counting_run, recording_launch, recording_collect
+    ids = [engine.add_request(p, sp) for p, sp in reqs]
+    done = {}
+    while core.has_unfinished:
+        done.update((o.request_id, o) for o in engine.step())
+    return [[s.token_ids for s in done[i].outputs] for i in ids], overlapped
+
+
+def test_grammars_keep_async_scheduling_and_its_outputs(llm: LLM) -> None:
+    """A matcher needs only the last token, at sampling time: it is read back while the next forward runs, so
+    constrained steps overlap like free ones, and outputs (jump-forward included) equal the synchronous
+    engine's."""
+    reqs = _mixed_requests(llm)
+    outs = {on: _run_recording_overlap(LLM("demo", **ENGINE, async_scheduling=on), reqs)[0] for on in (True, False)}
+    assert outs[True] == outs[False]
+    constrained = [(p, sp.model_copy(update={"n": 1})) for p, sp in reqs if sp.structured_outputs is not None]
+    _, overlapped = _run_recording_overlap(LLM("demo", **ENGINE, jump_forward=False), constrained)
+    assert sum(overlapped) >= 0.8 * len(overlapped)
+    _, overlapped = _run_recording_overlap(LLM("demo", **ENGINE, jump_forward=False, async_scheduling=False),
+                                           constrained)
+    assert not any(overlapped)
