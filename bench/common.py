@@ -102,6 +102,32 @@ def bench_ms(fn: Any, warmup: int = 25, rep: int = 100) -> float:
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def graph_ms(fn: Any, calls: int = 20, reps: int = 20) -> float:
+    """Median milliseconds per fn() replayed inside one CUDA graph of `calls` calls: the GPU's time alone,
+    as the engine's captured steps see it (bench_ms also counts each launch's host time, which dominates a
+    decode-sized matmul)."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return float(sorted(times)[len(times) // 2])
+
+
 def measure_hbm_bandwidth(gib: float = 2.0) -> dict[str, float]:
     """TB/s of a device-to-device copy (bytes read + written) and of a read-only reduction over the same bytes."""
     n = int(gib * 2**30) // 2

@@ -1,6 +1,7 @@
 """The FP8 kernels against their references on fresh random inputs (issue 14), part of kernel_checks' list, so
 every GPU benchmark checks them before it times anything: e4m3 store, paged decode and extend over an e4m3
-cache, per-token activation quantization, the Triton FP8 GEMM and torch._scaled_mm (channel and block scales).
+cache, per-token activation quantization, the Triton FP8 GEMM, torch._scaled_mm (channel and block scales),
+the weight-only kernel for decode rows, and Fp8Linear's `auto` choosing between them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from kvpilot.kernels.extend_attention import extend_attention, extend_attention_
 from kvpilot.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from kvpilot.kernels.fp8_math import FP8_DTYPE, quantize_groups, quantize_heads
 from kvpilot.kernels.fp8_quant import quantize_rows, quantize_rows_ref
+from kvpilot.kernels.fp8_weight_only import fp8_weight_only_gemm, fp8_weight_only_gemm_ref
 from kvpilot.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kvpilot.kernels.store_kvcache import store_kvcache, store_kvcache_ref
 
@@ -96,6 +98,27 @@ def _scaled_mm(m: int) -> float:
     return _rel(out, layer(x))
 
 
+def _weight_only(m: int, group: int | None, n: int = 6144, k: int = 4096) -> float:
+    w, w_s = quantize_groups(torch.randn(n, k, device=DEVICE) * 0.02, group or k)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    out = fp8_weight_only_gemm(x, w, w_s, group or k)
+    return _rel(out, fp8_weight_only_gemm_ref(x, w, w_s, group or k))
+
+
+def _auto(m: int) -> float:
+    """Fp8Linear's `auto` against the reference of the path it takes at m rows (<= 16: weight-only)."""
+    layer = Fp8Linear(4096, 6144, gemm="auto").to(DEVICE)
+    w, s = quantize_groups(torch.randn(6144, 4096, device=DEVICE) * 0.02, 4096)
+    layer.weight.copy_(w)
+    layer.weight_scale.copy_(s)
+    x = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16)
+    out = layer(x)
+    if m <= 16:
+        return _rel(out, fp8_weight_only_gemm_ref(x, w, s, 4096))
+    layer.gemm = "reference"
+    return _rel(out, layer(x))
+
+
 def fp8_cases() -> list[Case]:
     cases: list[Case] = []
     for dt in (torch.bfloat16, torch.float16):
@@ -113,5 +136,15 @@ def fp8_cases() -> list[Case]:
             ("fp8_gemm", f"triton M{m} 6144x4096 channel", torch.bfloat16, lambda m=m: _gemm(m, None)),
             ("fp8_gemm", f"triton M{m} 6144x4096 block 128", torch.bfloat16, lambda m=m: _gemm(m, 128)),
             ("fp8_scaled_mm", f"Fp8Linear scaled_mm M{m} vs reference", torch.bfloat16, lambda m=m: _scaled_mm(m)),
+            ("fp8_linear_auto", f"Fp8Linear auto M{m} vs its path's reference", torch.bfloat16, lambda m=m: _auto(m)),
+        ]
+    for m in (1, 5, 16):
+        cases += [
+            ("fp8_weight_only", f"M{m} 6144x4096 channel", torch.bfloat16, lambda m=m: _weight_only(m, None)),
+            ("fp8_weight_only", f"M{m} 6144x4096 block 128", torch.bfloat16, lambda m=m: _weight_only(m, 128)),
+            ("fp8_weight_only", f"M{m} 28672x4096 channel", torch.bfloat16,
+             lambda m=m: _weight_only(m, None, 28672)),
+            ("fp8_weight_only", f"M{m} 4096x14336 channel", torch.bfloat16,
+             lambda m=m: _weight_only(m, None, 4096, 14336)),
         ]
     return cases

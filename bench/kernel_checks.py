@@ -166,10 +166,13 @@ def _cases() -> list[tuple[str, str, torch.dtype, Callable[[], float]]]:
     return cases + fp8_cases()
 
 
-def run_checks() -> list[dict[str, Any]]:
+def run_checks(keep: Callable[[str, str], bool] | None = None) -> list[dict[str, Any]]:
+    """Every case (or those `keep(kernel, case)` selects) on fresh random inputs."""
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
     results = []
     for kernel, case, dtype, fn in _cases():
+        if keep is not None and not keep(kernel, case):
+            continue
         try:
             err = fn()
             results.append({"kernel": kernel, "case": case, "rel_err": err, "ok": err <= TOL[dtype]})
@@ -181,26 +184,35 @@ def run_checks() -> list[dict[str, Any]]:
 # ---- command line: what follows does not change what is checked
 
 
-def sources_sha256() -> str:
-    """One hash over the kernels (sources and tile tables) and the checks above this file's command line: a
-    recorded pass stands for exactly this code."""
+FAMILIES = ("core", "moe", "fp8")
+
+
+def family_of(kernel: str, case: str) -> str:
+    """Which timings a failed check must stop: fp8, moe, or core (everything else)."""
+    if "fp8" in kernel or "e4m3" in case:
+        return "fp8"
+    return "moe" if kernel == "fused_moe" else "core"
+
+
+def family_sha256(family: str) -> str:
+    """A hash of what a family's verdict stands for: the cases and their helpers (this file above run_checks),
+    and the kernels: every one but the FP8 ones for core and moe; for fp8 all of them, the FP8 layer and the
+    FP8 cases. A recorded pass is reused only for the very same code."""
     import hashlib
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    kernels = [f for f in sorted((here.parent / "kernels").rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
+    root = here.parent
+    files = [f for f in sorted((root / "kernels").rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
+    if family == "fp8":
+        files += [root / "engine" / "quant" / "fp8_linear.py", here / "fp8_kernel_checks.py"]
+    else:
+        files = [f for f in files if not f.name.startswith("fp8_")]
     digest = hashlib.sha256()
-    for path in [*kernels, here / "fp8_kernel_checks.py"]:
-        digest.update(path.relative_to(here.parent).as_posix().encode() + b"\0" + path.read_bytes())
-    digest.update(Path(__file__).read_text().split("\n\n\n# ---- command line")[0].encode())
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    digest.update(Path(__file__).read_text().split("\ndef run_checks(")[0].encode())
     return digest.hexdigest()
-
-
-def family(check: dict[str, Any]) -> str:
-    """Which timings a failed check must stop: fp8, moe, or core (everything else)."""
-    if "fp8" in check["kernel"] or "e4m3" in check["case"]:
-        return "fp8"
-    return "moe" if check["kernel"] == "fused_moe" else "core"
 
 
 def main() -> int:
@@ -214,19 +226,23 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ok-dir", type=Path)
-    parser.add_argument("--reuse", type=Path, help="a recorded run: taken instead of checking again when it ran on "
-                        "this kind of device over these very sources (kernels/ and the checks)")
+    parser.add_argument("--reuse", type=Path, help="a recorded run: each family whose code is unchanged since it "
+                        "(family_sha256) and that ran on this kind of device is taken from it, not checked again")
     args = parser.parse_args()
-    recorded = json.loads(args.reuse.read_text()) if args.reuse and args.reuse.is_file() else None
-    if recorded and recorded.get("sources_sha256") == sources_sha256() and recorded["device"].get("name") == (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    ):
-        print(f"reusing {args.reuse}: run at {recorded['commit']} on {recorded['date']} over these sources")
-        checks = recorded["checks"]
-    else:
-        checks = [{**c, "family": family(c)} for c in run_checks()]
-        write_result("kernel-checks", {**provenance(), "sources_sha256": sources_sha256(),
-                                       "passed": sum(c["ok"] for c in checks),
+    recorded = json.loads(args.reuse.read_text()) if args.reuse and args.reuse.is_file() else {}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    hashes = {fam: family_sha256(fam) for fam in FAMILIES}
+    reused = [fam for fam in FAMILIES if recorded.get("device", {}).get("name") == device
+              and recorded.get("family_sha256", {}).get(fam) == hashes[fam]]
+    checks = [c for c in recorded.get("checks", []) if c["family"] in reused]
+    if reused:
+        print(f"reusing {', '.join(reused)} from {args.reuse} (commit {recorded['commit']}, {recorded['date']})")
+    if len(reused) < len(FAMILIES):
+        fresh = [{**c, "family": family_of(c["kernel"], c["case"])}
+                 for c in run_checks(lambda kernel, case: family_of(kernel, case) not in reused)]
+        checks += fresh
+        write_result("kernel-checks", {**provenance(), "family_sha256": hashes, "reused": reused,
+                                       "reused_from": recorded.get("commit"), "passed": sum(c["ok"] for c in checks),
                                        "failed": sum(not c["ok"] for c in checks), "checks": checks})
     failed = [c for c in checks if not c["ok"]]
     for c in checks:

@@ -35,7 +35,7 @@ offline() {
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    checks) rm -rf "$OK"; timeout -k 5 "${CHECKS_S:-300}" python3 bench/kernel_checks.py --ok-dir "$OK" 2>&1 \
+    checks) rm -rf "$OK"; timeout -k 5 "${CHECKS_S:-300}" python3 bench/kernel_checks.py --ok-dir "$OK" ${REUSE:+--reuse "$REUSE"} 2>&1 \
               | grep -v "^ok " ;;
     kernels) verified core && KVPILOT_SWEEP_BUDGET_S=${SWEEP_S:-90} timeout -k 5 200 python3 bench/kernels.py 2>&1 \
                | grep -v "^check" ;;

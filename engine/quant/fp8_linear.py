@@ -5,6 +5,8 @@ weight [N, K] e4m3 and weight_scale [N, G] float32, G = ceil(K / group) (G = 1: 
 and block scales from checkpoints are stored in this one layout (a per-tensor scale repeated down its rows, a
 block scale down its block's rows), so fused q/k/v and gate/up with different scales, and tensor-parallel
 shards, are row and column slices like the weight's own. The matmul (EngineConfig.fp8_gemm_backend):
+- auto (on CUDA): up to 16 rows (decode), kernels/fp8_weight_only.py: the weights converted in registers, the
+  activations not quantized; above, scaled_mm (triton for block scales);
 - scaled_mm: torch._scaled_mm (cuBLASLt), per-token x per-channel scales; needs G = 1;
 - triton: kernels/fp8_gemm.py, any G;
 - reference: dequantize both operands into one float32 matmul (kernels/fp8_math.py): the CPU path, and what
@@ -19,15 +21,13 @@ import torch
 from kvpilot.kernels.fp8_math import FP8_DTYPE, num_groups, quantize_groups
 from torch import nn
 
-GEMMS = ("scaled_mm", "triton", "reference")
+GEMMS = ("auto", "scaled_mm", "triton", "reference")
 
 
 def resolve_gemm(choice: str, device: torch.device, grouped: bool) -> str:
     """EngineConfig.fp8_gemm_backend for this device and scale layout; what cannot run is an error naming it."""
     if choice == "auto":
-        if device.type != "cuda":
-            return "reference"
-        return "triton" if grouped else "scaled_mm"
+        return "auto" if device.type == "cuda" else "reference"
     if choice not in GEMMS:
         raise ValueError(f"fp8_gemm_backend {choice!r} is not one of {('auto', *GEMMS)}")
     if choice == "scaled_mm" and (device.type != "cuda" or grouped):
@@ -63,9 +63,17 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.gemm == "reference":
+        gemm = self.gemm
+        if gemm == "auto":
+            from kvpilot.kernels.fp8_weight_only import MAX_ROWS, fp8_weight_only_gemm
+
+            if rows.shape[0] <= MAX_ROWS:
+                out = fp8_weight_only_gemm(rows.contiguous(), self.weight, self.weight_scale, self.group_k, self.bias)
+                return out.view(*x.shape[:-1], self.out_features)
+            gemm = "triton" if self.group else "scaled_mm"
+        if gemm == "reference":
             out = self._reference(rows)
-        elif self.gemm == "triton":
+        elif gemm == "triton":
             out = self._triton(rows)
         else:
             out = self._scaled_mm(rows)

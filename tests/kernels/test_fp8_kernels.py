@@ -9,6 +9,7 @@ from kvpilot.kernels.extend_attention import extend_attention, extend_attention_
 from kvpilot.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from kvpilot.kernels.fp8_math import FP8_DTYPE, FP8_MAX, dequantize_groups, quantize_groups, quantize_heads
 from kvpilot.kernels.fp8_quant import quantize_rows, quantize_rows_ref
+from kvpilot.kernels.fp8_weight_only import fp8_weight_only_gemm, fp8_weight_only_gemm_ref
 from kvpilot.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kvpilot.kernels.store_kvcache import store_kvcache, store_kvcache_ref
 
@@ -70,6 +71,48 @@ def test_fp8_gemm_rejects_bad_operands() -> None:
     b, b_s = quantize_groups(torch.randn(4, 60), 20)
     with pytest.raises(ValueError, match="power of two"):
         fp8_gemm(b, b_s, b, b_s, 20, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k", "group"), [(1, 48, 320, None), (7, 80, 256, 64), (16, 33, 130, None),
+                                                    (3, 20000, 64, 32)])
+def test_fp8_weight_only_gemm(dtype: torch.dtype, m: int, n: int, k: int, group: int | None) -> None:
+    """Decode rows against e4m3 weights: channel and block scales, K and N not multiples of a tile, the
+    widest N tile (20,000 > 16,384), a bias; the activations stay unquantized."""
+    gen = torch.Generator().manual_seed(m + n)
+    w, w_s = quantize_groups(torch.randn(n, k, generator=gen) * 0.05, group or k)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    out = fp8_weight_only_gemm(x, w, w_s, group or k, bias)
+    ref = fp8_weight_only_gemm_ref(x, w, w_s, group or k, bias)
+    assert out.dtype == dtype and rel_err(out, ref) <= TOL[dtype]
+
+
+def test_fp8_weight_only_gemm_rejects_what_it_cannot_run() -> None:
+    w, w_s = quantize_groups(torch.randn(8, 64), 64)
+    with pytest.raises(ValueError, match="<= 16"):
+        fp8_weight_only_gemm(torch.randn(17, 64), w, w_s, 64)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        fp8_weight_only_gemm(torch.randn(2, 64), w.float(), w_s, 64)
+    wb, wb_s = quantize_groups(torch.randn(8, 64), 32)
+    with pytest.raises(ValueError, match="must divide"):
+        fp8_weight_only_gemm(torch.randn(2, 64), wb, wb_s, 32, config=(16, 64, 4, 2))
+
+
+def test_fp8_linear_auto_takes_the_weight_only_kernel_for_decode_rows() -> None:
+    """`auto`: up to 16 rows the activations are not quantized (the weight-only reference); above, they are
+    (the FP8 x FP8 reference), so the two paths are told apart by which reference they equal exactly."""
+    from kvpilot.engine.quant.fp8_linear import Fp8Linear
+
+    gen = torch.Generator().manual_seed(3)
+    layer = Fp8Linear(96, 40, group=32, gemm="auto")
+    w, w_s = quantize_groups(torch.randn(40, 96, generator=gen) * 0.05, 32)
+    layer.weight.copy_(w)
+    layer.weight_scale.copy_(w_s)
+    few, many = torch.randn(5, 96, generator=gen), torch.randn(40, 96, generator=gen)
+    assert rel_err(layer(few), fp8_weight_only_gemm_ref(few, w, w_s, 32)) <= 1e-6
+    x_q, x_s = quantize_groups(many, 32)
+    assert rel_err(layer(many), fp8_gemm_ref(x_q, x_s, w, w_s, 32, torch.float32)) <= 1e-6
 
 
 def _fp8_paged(seq_lens: list[int], hkv: int, page: int, gen: torch.Generator
