@@ -7,8 +7,8 @@ disagrees. Times the Llama-3.1-8B projections (fused qkv, o, fused gate/up, down
 counts, activation quantization included, as Fp8Linear runs them: per-channel scales (weight-only, scaled_mm,
 Triton) and 128x128 block scales (weight-only, Triton). Every figure is the GPU's time inside a CUDA graph,
 as the engine's captured steps run, over enough copies of the weight that L2 never holds it (each decode
-layer reads weights it has not read since the last step). Then sweeps the weight-only kernel's tiles at 1 and
-16 rows. Writes bench/results/fp8-gemm.json with provenance; `fastest_channel` is what Fp8Linear's `auto`
+layer reads weights it has not read since the last step). Then sweeps the weight-only kernel's tiles at one
+row. Writes bench/results/fp8-gemm.json with provenance; `fastest_channel` is what Fp8Linear's `auto`
 should take per shape and row count.
 """
 
@@ -110,11 +110,10 @@ def main() -> int:
                 payload["rows"].append(_row(name, n, k, m))
                 print(payload["rows"][-1], flush=True)
         for name, (n, k) in SHAPES.items():
-            for m in (1, 16):
-                sweep = _sweep(name, n, k, m)
-                payload["weight_only_sweep"].append(sweep)
-                print("sweep", name, m, "best", sweep["best"], "heuristic", sweep["heuristic"], sweep["heuristic_ms"],
-                      flush=True)
+            sweep = _sweep(name, n, k, 1)
+            payload["weight_only_sweep"].append(sweep)
+            print("sweep", name, "best", sweep["best"], "heuristic", sweep["heuristic"], sweep["heuristic_ms"],
+                  flush=True)
     write_result("fp8-gemm", payload)
     for c in failed:
         print("FAILED", c, file=sys.stderr)
