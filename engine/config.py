@@ -42,9 +42,9 @@ class EngineConfig(BaseModel):
     )
     fp8_gemm_backend: Literal["auto", "scaled_mm", "triton", "reference"] = Field(
         default="auto",
-        description="FP8 matmuls. auto: on CUDA, a weight-only kernel up to 16 rows (decode: weights converted in "
-        "registers, activations unquantized) and torch._scaled_mm above (Triton for block scales); reference "
-        "(dequantize, float matmul) on CPU"
+        description="FP8 matmuls. auto: on CUDA, per shape the kernel measured fastest (decode rows: a weight-only "
+        "kernel or Triton; more: torch._scaled_mm, Triton for block scales); reference (dequantize, float "
+        "matmul) on CPU"
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when one is visible")
     seed: int = Field(default=0, description="seed of the random weights and of unseeded sampling")

@@ -6,8 +6,8 @@ and K-group (G = 1: per channel, applied once at the end; G > 1: block scales, a
 sum). At a few rows the matmul reads N x K weight bytes and does almost no arithmetic, so what counts is
 streaming FP8 weights (half of bf16's bytes) at full bandwidth: narrow N tiles give every SM programs, and
 nothing quantizes the activations first (torch._scaled_mm at M = 1 measured slower than the bf16 matmul it
-replaces on an H200, bench/fp8_gemm.py). For M > 16 the FP8 x FP8 kernels are faster (tensor cores on both
-operands); Fp8Linear's `auto` switches there.
+replaces on an H200, bench/fp8_gemm.py). For M > 16, for N > MAX_N and for block scales the FP8 x FP8 kernels
+are faster; Fp8Linear's `auto` switches there.
 """
 
 from __future__ import annotations
@@ -57,11 +57,15 @@ def _weight_only_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+# Where it beats the FP8 x FP8 kernels at a few rows (H200, inside CUDA graphs, bench/fp8_gemm.py's sweep at one
+# row: 8B qkv 0.016 ms vs scaled_mm 0.019, o 0.012 vs 0.016, down 0.033 vs 0.045); at N = 28,672 (gate/up)
+# the Triton FP8 GEMM was faster (0.035 vs 0.044 ms), and with block scales it was everywhere.
+MAX_N = 16384
+
+
 def tiles(n: int, group: int, grouped: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): N tiles narrow enough for a few programs per SM."""
-    block_n = 16 if n <= 8192 else 32 if n <= 16384 else 64
-    block_k = min(group, 128) if grouped else 256
-    return block_n, block_k, 4, 4
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the sweep's best at every 8B shape up to MAX_N."""
+    return 32, min(group, 128) if grouped else 512, 4, 4
 
 
 def fp8_weight_only_gemm(

@@ -5,8 +5,9 @@ weight [N, K] e4m3 and weight_scale [N, G] float32, G = ceil(K / group) (G = 1: 
 and block scales from checkpoints are stored in this one layout (a per-tensor scale repeated down its rows, a
 block scale down its block's rows), so fused q/k/v and gate/up with different scales, and tensor-parallel
 shards, are row and column slices like the weight's own. The matmul (EngineConfig.fp8_gemm_backend):
-- auto (on CUDA): up to 16 rows (decode), kernels/fp8_weight_only.py: the weights converted in registers, the
-  activations not quantized; above, scaled_mm (triton for block scales);
+- auto (on CUDA): up to 16 rows (decode) with channel scales and N <= 16,384, kernels/fp8_weight_only.py (the
+  weights converted in registers, the activations not quantized); other decode rows triton; above, scaled_mm
+  (triton for block scales): each where bench/fp8_gemm.py measured it fastest on an H200;
 - scaled_mm: torch._scaled_mm (cuBLASLt), per-token x per-channel scales; needs G = 1;
 - triton: kernels/fp8_gemm.py, any G;
 - reference: dequantize both operands into one float32 matmul (kernels/fp8_math.py): the CPU path, and what
@@ -65,12 +66,13 @@ class Fp8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         gemm = self.gemm
         if gemm == "auto":
-            from kvpilot.kernels.fp8_weight_only import MAX_ROWS, fp8_weight_only_gemm
+            from kvpilot.kernels.fp8_weight_only import MAX_N, MAX_ROWS, fp8_weight_only_gemm
 
-            if rows.shape[0] <= MAX_ROWS:
+            few = rows.shape[0] <= MAX_ROWS
+            if few and self.group is None and self.out_features <= MAX_N:
                 out = fp8_weight_only_gemm(rows.contiguous(), self.weight, self.weight_scale, self.group_k, self.bias)
                 return out.view(*x.shape[:-1], self.out_features)
-            gemm = "triton" if self.group else "scaled_mm"
+            gemm = "triton" if self.group or few else "scaled_mm"
         if gemm == "reference":
             out = self._reference(rows)
         elif gemm == "triton":

@@ -105,14 +105,19 @@ def test_fp8_linear_auto_takes_the_weight_only_kernel_for_decode_rows() -> None:
     from kvpilot.engine.quant.fp8_linear import Fp8Linear
 
     gen = torch.Generator().manual_seed(3)
-    layer = Fp8Linear(96, 40, group=32, gemm="auto")
-    w, w_s = quantize_groups(torch.randn(40, 96, generator=gen) * 0.05, 32)
+    layer = Fp8Linear(96, 40, gemm="auto")
+    w, w_s = quantize_groups(torch.randn(40, 96, generator=gen) * 0.05, 96)
     layer.weight.copy_(w)
     layer.weight_scale.copy_(w_s)
     few, many = torch.randn(5, 96, generator=gen), torch.randn(40, 96, generator=gen)
-    assert rel_err(layer(few), fp8_weight_only_gemm_ref(few, w, w_s, 32)) <= 1e-6
-    x_q, x_s = quantize_groups(many, 32)
-    assert rel_err(layer(many), fp8_gemm_ref(x_q, x_s, w, w_s, 32, torch.float32)) <= 1e-6
+    assert rel_err(layer(few), fp8_weight_only_gemm_ref(few, w, w_s, 96)) <= 1e-6
+    blocked = Fp8Linear(96, 40, group=32, gemm="auto")  # block scales: the FP8 x FP8 kernel at any row count
+    wb, wb_s = quantize_groups(torch.randn(40, 96, generator=gen) * 0.05, 32)
+    blocked.weight.copy_(wb)
+    blocked.weight_scale.copy_(wb_s)
+    for x in (few, many):
+        x_q, x_s = quantize_groups(x, 32)
+        assert rel_err(blocked(x), fp8_gemm_ref(x_q, x_s, wb, wb_s, 32, torch.float32)) <= 1e-6
 
 
 def _fp8_paged(seq_lens: list[int], hkv: int, page: int, gen: torch.Generator
