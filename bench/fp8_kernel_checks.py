@@ -87,17 +87,6 @@ def _gemm(m: int, group: int | None) -> float:
     return _rel(out, fp8_gemm_ref(a, a_s, b, b_s, group or 4096, torch.bfloat16))
 
 
-def _scaled_mm(m: int) -> float:
-    layer = Fp8Linear(4096, 6144, gemm="scaled_mm").to(DEVICE)
-    w, s = quantize_groups(torch.randn(6144, 4096, device=DEVICE) * 0.02, 4096)
-    layer.weight.copy_(w)
-    layer.weight_scale.copy_(s)
-    x = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16)
-    out = layer(x)
-    layer.gemm = "reference"
-    return _rel(out, layer(x))
-
-
 def _weight_only(m: int, group: int | None, n: int = 6144, k: int = 4096) -> float:
     w, w_s = quantize_groups(torch.randn(n, k, device=DEVICE) * 0.02, group or k)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
@@ -105,15 +94,15 @@ def _weight_only(m: int, group: int | None, n: int = 6144, k: int = 4096) -> flo
     return _rel(out, fp8_weight_only_gemm_ref(x, w, w_s, group or k))
 
 
-def _auto(m: int) -> float:
-    """Fp8Linear's `auto` against the reference of the path it takes at m rows (<= 16: weight-only)."""
-    layer = Fp8Linear(4096, 6144, gemm="auto").to(DEVICE)
+def _linear(gemm: str, m: int) -> float:
+    """Fp8Linear with `gemm` against the reference of the path it takes at m rows (auto at <= 16: weight-only)."""
+    layer = Fp8Linear(4096, 6144, gemm=gemm).to(DEVICE)
     w, s = quantize_groups(torch.randn(6144, 4096, device=DEVICE) * 0.02, 4096)
     layer.weight.copy_(w)
     layer.weight_scale.copy_(s)
     x = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16)
     out = layer(x)
-    if m <= 16:
+    if gemm == "auto" and m <= 16:
         return _rel(out, fp8_weight_only_gemm_ref(x, w, s, 4096))
     layer.gemm = "reference"
     return _rel(out, layer(x))
@@ -135,8 +124,10 @@ def fp8_cases() -> list[Case]:
         cases += [
             ("fp8_gemm", f"triton M{m} 6144x4096 channel", torch.bfloat16, lambda m=m: _gemm(m, None)),
             ("fp8_gemm", f"triton M{m} 6144x4096 block 128", torch.bfloat16, lambda m=m: _gemm(m, 128)),
-            ("fp8_scaled_mm", f"Fp8Linear scaled_mm M{m} vs reference", torch.bfloat16, lambda m=m: _scaled_mm(m)),
-            ("fp8_linear_auto", f"Fp8Linear auto M{m} vs its path's reference", torch.bfloat16, lambda m=m: _auto(m)),
+            ("fp8_scaled_mm", f"Fp8Linear scaled_mm M{m} vs reference", torch.bfloat16,
+             lambda m=m: _linear("scaled_mm", m)),
+            ("fp8_linear_auto", f"Fp8Linear auto M{m} vs its path's reference", torch.bfloat16,
+             lambda m=m: _linear("auto", m)),
         ]
     for m in (1, 5, 16):
         cases += [

@@ -16,6 +16,7 @@ from kvpilot.kernels.extend_attention import (
     varlen_causal_attention_ref,
 )
 from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route
+from kvpilot.kernels.moe_align import align_block_size, align_block_size_ref
 from kvpilot.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kvpilot.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kvpilot.kernels.rotary import build_rope_cache, rotary_embedding, rotary_embedding_ref
@@ -129,6 +130,13 @@ def _moe(dtype: torch.dtype, tokens: int, experts: int, top_k: int, inter: int, 
     return _rel(fused_experts(x, w13, w2, weights, ids), fused_experts_ref(x, w13, w2, weights, ids))
 
 
+def _align(tokens: int, experts: int, top_k: int, block_m: int) -> float:
+    """0.0 if the one-program sort equals the torch sort bit for bit, else 1.0 (it moves ids, no arithmetic)."""
+    ids = torch.stack([torch.randperm(experts, device=DEVICE)[:top_k] for _ in range(tokens)])
+    got, want = align_block_size(ids, block_m, experts), align_block_size_ref(ids, block_m, experts)
+    return 0.0 if all(torch.equal(g, w) for g, w in zip(got, want, strict=True)) else 1.0
+
+
 def _varlen(dtype: torch.dtype) -> float:
     q_lens = [1, 300, 129, 64]
     q = torch.randn(sum(q_lens), 32, 128, device=DEVICE).to(dtype)
@@ -163,6 +171,9 @@ def _cases() -> list[tuple[str, str, torch.dtype, Callable[[], float]]]:
                           lambda dt=dt, t=tokens: _moe(dt, t, 128, 8, 768, 2048)))  # fmt: skip
         cases.append(("fused_moe", f"{name} E8 top2 I1792 H4096 T200", dt,
                       lambda dt=dt: _moe(dt, 200, 8, 2, 1792, 4096)))  # fmt: skip
+    for tokens, block_m in ((1, 16), (64, 16), (333, 64)):
+        cases.append(("moe_align", f"E128 top8 T{tokens} block{block_m}", torch.float32,
+                      lambda t=tokens, b=block_m: _align(t, 128, 8, b)))  # fmt: skip
     return cases + fp8_cases()
 
 
@@ -191,7 +202,7 @@ def family_of(kernel: str, case: str) -> str:
     """Which timings a failed check must stop: fp8, moe, or core (everything else)."""
     if "fp8" in kernel or "e4m3" in case:
         return "fp8"
-    return "moe" if kernel == "fused_moe" else "core"
+    return "moe" if kernel in ("fused_moe", "moe_align") else "core"
 
 
 def family_sha256(family: str) -> str:

@@ -2,10 +2,10 @@
 expert-aligned blocks, then two grouped GEMMs over the experts' stacked weights.
 
 1. `route`: softmax over the router logits in fp32, top-k, optional renormalisation of the k weights.
-2. `align_block_size`: pairs sorted by expert, each expert's run padded to a multiple of BLOCK_SIZE_M with a
-   sentinel, so every program's BLOCK_SIZE_M rows share one expert's weights. Every shape is bounded by the
-   token count alone and nothing reads a device value on the host, so the whole forward can be captured in a
-   CUDA graph: programs past the padded total (a device scalar) exit at once.
+2. `align_block_size` (moe_align.py): pairs sorted by expert, each expert's run padded to a multiple of
+   BLOCK_SIZE_M with a sentinel, so every program's BLOCK_SIZE_M rows share one expert's weights. Every shape
+   is bounded by the token count alone and nothing reads a device value on the host, so the whole forward can
+   be captured in a CUDA graph: programs past the padded total (a device scalar) exit at once.
 3. `_gate_up_kernel`: hidden[token] @ w13[e].T for the gate and up halves together, SiLU(gate) * up in fp32,
    one row per pair of the [T*k, I] intermediate.
 4. `_down_kernel`: intermediate[pair] @ w2[e].T times the pair's routing weight, one row per pair of
@@ -25,39 +25,9 @@ import triton.language as tl
 from kvpilot.kernels._common import check_dtype, check_same, dot_upcast, mma
 from kvpilot.kernels.fused_moe_config import MoEConfig, get_config
 from kvpilot.kernels.fused_moe_ref import fused_experts_ref, route
+from kvpilot.kernels.moe_align import align_block_size, max_padded_pairs
 
 __all__ = ["align_block_size", "fused_experts", "fused_experts_ref", "max_padded_pairs", "route"]
-
-
-def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """The most rows the expert-aligned layout can need: each expert that receives a pair pads < block_m."""
-    bound = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-    return triton.cdiv(bound, block_m) * block_m
-
-
-def align_block_size(
-    topk_ids: torch.Tensor, block_m: int, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sorted pair ids [EM], expert of each block [EM / block_m], padded total [1]), all int32, on the device.
-
-    Pair p is token p // k's slot p % k. Pads hold T*k. Within an expert pairs keep their order.
-    """
-    flat = topk_ids.reshape(-1).long()
-    pairs = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = padded.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    by_expert = flat[order]
-    first_unpadded = counts.cumsum(0) - counts
-    dest = (ends - padded)[by_expert] + torch.arange(pairs, device=flat.device) - first_unpadded[by_expert]
-    em = max_padded_pairs(pairs, num_experts, block_m)
-    sorted_ids = torch.full((em,), pairs, dtype=torch.int32, device=flat.device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    block_starts = torch.arange(0, em, block_m, device=flat.device)
-    expert_ids = torch.searchsorted(ends, block_starts, right=True).clamp_(max=num_experts - 1).to(torch.int32)
-    return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
 @triton.jit

@@ -11,6 +11,7 @@ import torch
 from kvpilot.kernels import fused_moe_config as cfgs
 from kvpilot.kernels.fused_moe import align_block_size, fused_experts, fused_experts_ref, max_padded_pairs, route
 from kvpilot.kernels.fused_moe_config import MoEConfig
+from kvpilot.kernels.moe_align import KERNEL_MAX_PAIRS, align_block_size_ref
 
 from .helpers import DTYPES, TOL, rel_err
 
@@ -103,6 +104,33 @@ def test_alignment_sorts_pairs_into_single_expert_blocks(tokens: int, top_k: int
         block = real[b * block_m : (b + 1) * block_m]
         block = block[block < pairs]
         assert len(block) and (flat[block.long()] == expert_ids[b]).all(), f"block {b} mixes experts"
+
+
+@pytest.mark.parametrize(("ids", "experts", "block_m"), [
+    ([[3]], 4, 16),                                    # one token
+    ([[2, 2]] * 40 + [[2, 1]], 6, 16),                 # nearly every pair on one expert; 82 pairs: two chunks
+    ([[0, 5, 1]] * 7, 128, 16),                        # 125 experts receive nothing
+    ([[3, 1, 0, 2]] * 3, 4, 32),                       # top-k equal to the expert count
+    (None, 128, 64),                                   # 333 random tokens x top-8: the widest decode-free case
+])
+def test_the_sort_kernel_equals_the_torch_sort(ids: list[list[int]] | None, experts: int, block_m: int) -> None:
+    """One program does what ~30 torch ops did: the same rows, bit for bit (pairs keep their order within an
+    expert, as the stable argsort keeps them)."""
+    if ids is None:
+        gen = torch.Generator().manual_seed(9)
+        topk = torch.stack([torch.randperm(experts, generator=gen)[:8] for _ in range(333)])
+    else:
+        topk = torch.tensor(ids)
+    got = align_block_size(topk, block_m, experts)
+    want = align_block_size_ref(topk, block_m, experts)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == torch.int32 and torch.equal(g, w)
+
+
+def test_long_prefills_sort_with_torch_ops() -> None:
+    topk = torch.randint(0, 8, (KERNEL_MAX_PAIRS // 2 + 1, 2))
+    assert all(torch.equal(g, w) for g, w in zip(align_block_size(topk, 16, 8), align_block_size_ref(topk, 16, 8),
+                                                  strict=True))
 
 
 @pytest.mark.parametrize("tokens", [1, 37])
