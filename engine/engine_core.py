@@ -4,8 +4,8 @@ With async scheduling (the default) the host prepares and launches step N+1 whil
 step N's samples stay on the device and feed step N+1's inputs, and are read back (one synchronisation per
 step) only after step N+1 is queued. A sample that ends its sequence (EOS, a stop token) is therefore
 known one step late, and that sequence's row in step N+1 is dropped. Steps that need every token on the
-host first (repetition or frequency penalties, tensor parallelism) run synchronously; outputs are the same
-either way.
+host first (repetition or frequency penalties, tensor parallelism) run synchronously; a grammar needs only the
+last token, read back while the next forward runs. Outputs are the same either way.
 
 Input processing (tokenization, validation) and output processing (detokenization, stop strings) are the
 front's work (input_processor.py, output_processor.py); here everything is token ids.
@@ -33,6 +33,7 @@ from kvpilot.engine.sampler import (
     read_prompt_logprobs,
 )
 from kvpilot.engine.scheduler import Scheduler
+from kvpilot.engine.step_sampling import sample_isolating, still_sampled
 from kvpilot.engine.structured.compiler import GrammarCompiler
 from kvpilot.engine.structured.gate import GrammarGate
 from kvpilot.engine.structured.matchers import BitmaskFiller, GrammarMask
@@ -228,9 +229,9 @@ class EngineCore:
                 # now, while the device runs this step's forward.
                 failed += self._collect(prev)
                 self._in_flight = None
-                logits, to_sample = self._still_sampled(logits, to_sample, scheduled)
+                logits, to_sample = still_sampled(logits, to_sample, scheduled)
             mask = self._grammar_mask(to_sample)  # on the host while the device runs the forward
-            samples, sampled = self._sample(logits, to_sample, failed, mask)
+            samples, sampled = sample_isolating(self.sampler, logits, to_sample, mask, self._fail, failed)
         except Exception as exc:
             if is_engine_fault(exc) or self.workers is not None:  # ranks would disagree on what ran
                 raise
@@ -262,18 +263,6 @@ class EngineCore:
         rows = {seq.seq_id: row for row, seq in enumerate(sampled)}
         return _InFlight(sampled, samples, host, done, rows, plan.prompt, prompt, inputs.prompt_targets, plan.ended)
 
-    @staticmethod
-    def _still_sampled(logits: torch.Tensor, seqs: list[Sequence], scheduled: list[tuple[Sequence, int]]
-                       ) -> tuple[torch.Tensor, list[Sequence]]:
-        """The rows to sample once the previous step is read back: not the samples that ended in it, nor those
-        its grammar jumped forward (their forced tokens follow; the synchronous engine never sampled here)."""
-        computes = {seq.seq_id: seq.num_computed_tokens + n for seq, n in scheduled}
-        keep = [i for i, seq in enumerate(seqs) if not seq.finished and seq.num_tokens == computes[seq.seq_id]]
-        if len(keep) == len(seqs):
-            return logits, seqs
-        index = torch.tensor(keep, dtype=torch.long).to(logits.device, non_blocking=True)
-        return logits.index_select(0, index), [seqs[i] for i in keep]
-
     def _grammar_mask(self, sampled: list[Sequence]) -> GrammarMask | None:
         grammars = [(row, seq.grammar) for row, seq in enumerate(sampled) if seq.grammar is not None]
         if not grammars:
@@ -281,33 +270,6 @@ class EngineCore:
         if self._bitmask is None:
             self._bitmask = BitmaskFiller(self.arch.vocab_size, self.config.max_num_seqs, self.runner.device)
         return self._bitmask.fill(grammars, len(sampled))
-
-    def _sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], failed: list[CoreOutput], mask: GrammarMask | None
-    ) -> tuple[SampledBatch | None, list[Sequence]]:
-        """Sample the batch at once; if that fails, find the rows at fault one by one and fail only them."""
-        if not seqs:
-            return None, []
-        try:
-            return self.sampler(logits, seqs, mask), seqs
-        except Exception as exc:
-            if is_engine_fault(exc):
-                raise
-            log.warning("batched sampling failed (%s): isolating the failing request", exc)
-        for i, seq in enumerate(seqs):
-            if seq.request.error is not None:
-                continue
-            try:
-                self.sampler(logits[i : i + 1], [seq], mask.for_row(i) if mask is not None else None)
-            except Exception as exc:
-                if is_engine_fault(exc):
-                    raise
-                failed.append(self._fail(seq.request, exc))
-        keep = [i for i, seq in enumerate(seqs) if seq.request.error is None]
-        if not keep:
-            return None, []
-        kept = [seqs[i] for i in keep]
-        return self.sampler(logits[keep], kept, None), kept  # masks were applied to `logits` in place already
 
     def _collect(self, flight: _InFlight) -> list[CoreOutput]:
         """Read a launched step's samples back (the step's one synchronisation) and move sequences on."""
