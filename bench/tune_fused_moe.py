@@ -7,7 +7,9 @@ grouping, warps and stages) on random routing, drops configs whose output differ
 the device rejects, and keeps the fastest. The table goes to kernels/fused_moe_configs/<name>.json (name and
 format: kernels/fused_moe_config.py) and to $OUT; the sweep itself, every config's time included, to
 bench/results/tune-fused-moe-<shape>-tp<tp>.json. The budget stops the sweep early and writes what was
-measured, so a device call never ends with nothing; token counts not reached take the nearest tuned one.
+measured, so a device call never ends with nothing; but a table that misses token counts goes to
+bench/results/partial-<name> only, never to kernels/fused_moe_configs/: the engine would give every count not
+reached the nearest tuned one's tiles (one token's tiles for a 4,096-token prefill, say).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_ms, ensure_kvpilot_importable, provenance, write_result
+from common import RESULTS, bench_ms, ensure_kvpilot_importable, provenance, write_result
 
 ensure_kvpilot_importable()
 from kvpilot.engine.models.arch import load_arch  # noqa: E402
@@ -109,7 +111,14 @@ def main() -> int:
         print("no config was timed: no table written", file=sys.stderr)
         return 1
     text = json.dumps(table, indent=2) + "\n"
-    targets = [CONFIG_DIR / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
+    if sweep.get("not_reached"):
+        name = f"partial-{name}"
+        targets = [RESULTS / name]
+        print(f"the budget ended before token counts {sweep['not_reached']}: the partial table is not installed "
+              f"in {CONFIG_DIR}", file=sys.stderr)
+    else:
+        targets = [CONFIG_DIR / name]
+    targets += [Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else []
     for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
