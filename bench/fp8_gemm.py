@@ -92,7 +92,7 @@ def _sweep(name: str, n: int, k: int, m: int) -> dict[str, Any]:
                for layer in layers]
         rows.append({"config": cfg, "ms": round(graph_ms(_cycling(fns)), 4)})
     best = min(rows, key=lambda r: r["ms"])
-    chosen = tiles(n, k, False)
+    chosen = tiles(k, False)
     return {"shape": name, "n": n, "k": k, "m": m, "best": best, "heuristic": chosen,
             "heuristic_ms": next((r["ms"] for r in rows if tuple(r["config"]) == chosen), None), "configs": rows}
 

@@ -42,7 +42,8 @@ def warm_up(core: EngineCore) -> None:
     longest = min(core.config.max_num_batched_tokens + 64, (core.config.max_model_len or 0) - 16)
     lengths = [n for n in (1, 2, 17, 64, 333, longest) if 0 < n <= longest]
     # A model without a tokenizer takes no grammar (its requests get a clear error): nothing to warm.
-    kinds = KINDS if has_tokenizer(core.grammars.compiler.model_dir) else KINDS[:-1]
+    grammars = has_tokenizer(core.grammars.compiler.model_dir)
+    kinds = [kind for kind in KINDS if grammars or kind.structured_outputs is None]
     for i, n in enumerate(lengths):
         prompt = [7 + (j % 1000) for j in range(n)]
         core.add(EngineRequest(f"warmup-{i}", prompt, kinds[i % len(kinds)], time.monotonic()))

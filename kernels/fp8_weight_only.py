@@ -63,7 +63,7 @@ def _weight_only_kernel(
 MAX_N = 16384
 
 
-def tiles(n: int, group: int, grouped: bool) -> tuple[int, int, int, int]:
+def tiles(group: int, grouped: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): the sweep's best at every 8B shape up to MAX_N."""
     return 32, min(group, 128) if grouped else 512, 4, 4
 
@@ -91,7 +91,7 @@ def fp8_weight_only_gemm(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    block_n, block_k, warps, stages = config or tiles(n, group, g > 1)
+    block_n, block_k, warps, stages = config or tiles(group, g > 1)
     if g > 1 and group % block_k:
         raise ValueError(f"BLOCK_K {block_k} must divide the scale group {group}")
     _weight_only_kernel[(triton.cdiv(n, block_n),)](

@@ -26,7 +26,9 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(bound, block_m) * block_m
 
 
-@triton.jit
+# The pair count changes with every step's token count: specialising on it (P == 1, P % 16) would compile
+# variants under load that warm-up never met. EM is a multiple of BLOCK_M (>= 16) whatever the count.
+@triton.jit(do_not_specialize=["P"])
 def _align_kernel(
     ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, P, E, EM,
     BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,

@@ -4,6 +4,9 @@ prefill, preemption, n > 1, stop tokens and prefix caching."""
 
 from __future__ import annotations
 
+import logging
+import shutil
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -96,3 +99,15 @@ def test_warm_up_leaves_no_trace(tiny_model) -> None:
     assert stats.num_preemptions == 0 and not warmed.core.requests
     again = warmed.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in fresh]
+
+
+def test_warm_up_of_a_model_without_a_tokenizer_fails_no_request(tiny_model, tmp_path, caplog) -> None:
+    """Such a model takes no grammar (its requests get a clear error), so warm-up warms none: on the 8B benchmark
+    shape it used to log a failed grammar request at every start."""
+    model = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model("llama"), model, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+    llm = LLM(str(model), max_num_batched_tokens=32)
+    with caplog.at_level(logging.ERROR):
+        warm_up(llm.core)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert not llm.core.requests and not llm.core.has_unfinished
