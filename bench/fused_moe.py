@@ -1,12 +1,14 @@
-"""Fused MoE kernel benchmark: one MoE layer's experts at 1, 64 and 4,096 tokens against its physical floor.
+"""Fused MoE kernel benchmark: one MoE layer's experts at 1 to 4,096 tokens against its physical floor.
 
 Run on a CUDA machine from the repository root: `python bench/fused_moe.py [--shape qwen3-30b-a3b] [--tp 1]`.
 For each token count it routes random router logits (softmax, top-k, the shape's renormalisation), checks the
 kernels against the PyTorch reference, captures the whole call (routing's block sort included) in a CUDA graph
 and checks the replay gives the same output (the graph-safety the engine's captured steps rely on), then times
-the eager call and the replay. The floor is the larger of the bytes that must move (every expert the batch
-touches, read once, plus the activations) at the measured copy bandwidth and the matmul flops at the measured
-bf16 peak; the fraction of it reached is the figure issue 15 asks for. vLLM's fused_experts, when importable
+the eager call and the replay. Batches on the few-token path (moe_gemv.py) also time the sorted path on the
+same inputs, and the routing alone is timed both ways (one launch, and the PyTorch ops). The floor is the
+larger of the bytes that must move (every expert the batch touches, read once, plus the activations) at the
+measured copy bandwidth and the matmul flops at the measured bf16 peak; the fraction of it reached is the
+figure issue 15 asks for. vLLM's fused_experts, when importable
 (PYTHONPATH=/tmp/vsite, ../shared/peers/README.md), is timed on the same inputs. Writes
 bench/results/fused-moe-<shape>.json with provenance, ceilings, the tile config used and every figure.
 """
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     bench_ms,
     ensure_kvpilot_importable,
+    graph_ms,
     measure_bf16_matmul_tflops,
     measure_hbm_bandwidth,
     provenance,
@@ -32,11 +35,18 @@ from common import (
 
 ensure_kvpilot_importable()
 from kvpilot.engine.models.arch import load_arch  # noqa: E402
-from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route  # noqa: E402
-from kvpilot.kernels.fused_moe_config import device_name, get_config, load_table, table_name  # noqa: E402
+from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route, route_fused  # noqa: E402
+from kvpilot.kernels.fused_moe_config import (  # noqa: E402
+    device_name,
+    gemv_configs,
+    get_config,
+    load_table,
+    table_name,
+)
+from kvpilot.kernels.moe_gemv import uses_gemv  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-TOKENS = (1, 64, 4096)
+TOKENS = (1, 2, 4, 8, 16, 64, 4096)
 
 
 def _vllm_experts() -> Any | None:
@@ -79,7 +89,7 @@ def bench_tokens(tokens: int, arch: Any, tp: int, ceilings: dict[str, float], vl
     gate = torch.randn(experts, hidden, device="cuda", dtype=torch.bfloat16, generator=gen) * hidden**-0.5
 
     def call() -> torch.Tensor:
-        weights, ids = route(x @ gate.t(), top_k, arch.norm_topk_prob)
+        weights, ids = route_fused(x @ gate.t(), top_k, arch.norm_topk_prob)
         return fused_experts(x, w13, w2, weights, ids)
 
     weights, ids = route(x @ gate.t(), top_k, arch.norm_topk_prob)
@@ -87,9 +97,16 @@ def bench_tokens(tokens: int, arch: Any, tp: int, ceilings: dict[str, float], vl
     eager = call()
     rel = ((eager.float() - ref.float()).norm() / ref.float().norm()).item()
     graph, graph_out = _graph_replay(call)
+    gemv = uses_gemv(tokens, top_k, experts)
+    cfg = get_config(tokens, experts, inter, x.dtype, x.device)
+    logits = x @ gate.t()
     result: dict[str, Any] = {
         "tokens": tokens,
-        "config": get_config(tokens, experts, inter, x.dtype, x.device).to_json(),
+        "path": "gemv" if gemv else "sorted",
+        "config": ({k: v.to_json() for k, v in gemv_configs(experts, inter, x.dtype, x.device).items()} if gemv
+                   else cfg.to_json()),
+        "route_fused_ms": graph_ms(lambda: route_fused(logits, top_k, arch.norm_topk_prob)),
+        "route_torch_ms": graph_ms(lambda: route(logits, top_k, arch.norm_topk_prob)),
         "rel_err_vs_reference": rel,
         "graph_replay_equals_eager": bool(torch.equal(graph_out, eager)),
         "eager_ms": bench_ms(call),
@@ -97,6 +114,9 @@ def bench_tokens(tokens: int, arch: Any, tp: int, ceilings: dict[str, float], vl
         "experts_only_ms": bench_ms(lambda: fused_experts(x, w13, w2, weights, ids)),
         **_floor(tokens, int(ids.unique().numel()), top_k, inter, hidden, ceilings),
     }
+    if gemv:  # the same inputs through the sorted path, for the crossover
+        result["sorted_experts_only_graph_ms"] = graph_ms(lambda: fused_experts(x, w13, w2, weights, ids, cfg))
+        result["gemv_experts_only_graph_ms"] = graph_ms(lambda: fused_experts(x, w13, w2, weights, ids))
     result["fraction_of_floor_graph"] = result["floor_ms"] / result["graph_ms"]
     result["fraction_of_floor_experts_only"] = result["floor_ms"] / result["experts_only_ms"]
     if vllm is not None:

@@ -15,7 +15,8 @@ from kvpilot.kernels.extend_attention import (
     varlen_causal_attention,
     varlen_causal_attention_ref,
 )
-from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route
+from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route, route_fused
+from kvpilot.kernels.fused_moe_config import get_config
 from kvpilot.kernels.moe_align import align_block_size, align_block_size_ref
 from kvpilot.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kvpilot.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
@@ -121,13 +122,23 @@ def _extend(dtype: torch.dtype, page: int, window: int | None = None) -> float:
     return _rel(out, ref)
 
 
-def _moe(dtype: torch.dtype, tokens: int, experts: int, top_k: int, inter: int, hidden: int) -> float:
-    """The fused MoE kernels at a real model's expert shape (Qwen3-30B-A3B: 128 x 768 x 2048, top-8)."""
+def _moe(dtype: torch.dtype, tokens: int, experts: int, top_k: int, inter: int, hidden: int,
+         sort: bool = False) -> float:
+    """The fused MoE kernels at a real model's expert shape (Qwen3-30B-A3B: 128 x 768 x 2048, top-8); a few
+    tokens go pair by pair unless `sort` forces the sorted path (a given config does)."""
     x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
     w13 = (torch.randn(experts, 2 * inter, hidden, device=DEVICE) * hidden**-0.5).to(dtype)
     w2 = (torch.randn(experts, hidden, inter, device=DEVICE) * inter**-0.5).to(dtype)
     weights, ids = route(torch.randn(tokens, experts, device=DEVICE), top_k, renormalize=True)
-    return _rel(fused_experts(x, w13, w2, weights, ids), fused_experts_ref(x, w13, w2, weights, ids))
+    cfg = get_config(tokens, experts, inter, dtype, x.device) if sort else None
+    return _rel(fused_experts(x, w13, w2, weights, ids, cfg), fused_experts_ref(x, w13, w2, weights, ids))
+
+
+def _route(tokens: int, experts: int, top_k: int, renormalize: bool) -> float:
+    """0.0 if the one-launch router picks route()'s experts (fp32 logits: no ties) with its weights, else 1.0."""
+    logits = torch.randn(tokens, experts, device=DEVICE)
+    (weights, ids), (want_w, want_ids) = route_fused(logits, top_k, renormalize), route(logits, top_k, renormalize)
+    return 0.0 if torch.equal(ids.long(), want_ids) and torch.allclose(weights, want_w, 1e-5, 1e-6) else 1.0
 
 
 def _align(tokens: int, experts: int, top_k: int, block_m: int) -> float:
@@ -166,11 +177,18 @@ def _cases() -> list[tuple[str, str, torch.dtype, Callable[[], float]]]:
             ("paged_decode_attention", f"{name} block16 window 1000", dt, lambda dt=dt: _decode(dt, 16, None, 1000)),
             ("extend_attention", f"{name} block16 window 700", dt, lambda dt=dt: _extend(dt, 16, 700)),
         ]
-        for tokens in (1, 64, 333):
+        for tokens in (1, 5, 8, 64, 333):  # 1-8: the few-token path
             cases.append(("fused_moe", f"{name} E128 top8 I768 H2048 T{tokens}", dt,
                           lambda dt=dt, t=tokens: _moe(dt, t, 128, 8, 768, 2048)))  # fmt: skip
-        cases.append(("fused_moe", f"{name} E8 top2 I1792 H4096 T200", dt,
-                      lambda dt=dt: _moe(dt, 200, 8, 2, 1792, 4096)))  # fmt: skip
+        cases.append(("fused_moe", f"{name} E128 top8 I768 H2048 T1 sorted", dt,
+                      lambda dt=dt: _moe(dt, 1, 128, 8, 768, 2048, sort=True)))  # fmt: skip
+        for tokens in (1, 200):
+            cases.append(("fused_moe", f"{name} E8 top2 I1792 H4096 T{tokens}", dt,
+                          lambda dt=dt, t=tokens: _moe(dt, t, 8, 2, 1792, 4096)))  # fmt: skip
+    for tokens, experts, top_k, renorm in ((1, 128, 8, True), (4096, 128, 8, True), (77, 8, 2, True),
+                                           (9, 60, 4, False)):
+        cases.append(("moe_route", f"E{experts} top{top_k} T{tokens}", torch.float32,
+                      lambda t=tokens, e=experts, k=top_k, r=renorm: _route(t, e, k, r)))  # fmt: skip
     for tokens, block_m in ((1, 16), (64, 16), (333, 64)):
         cases.append(("moe_align", f"E128 top8 T{tokens} block{block_m}", torch.float32,
                       lambda t=tokens, b=block_m: _align(t, 128, 8, b)))  # fmt: skip
@@ -202,7 +220,7 @@ def family_of(kernel: str, case: str) -> str:
     """Which timings a failed check must stop: fp8, moe, or core (everything else)."""
     if "fp8" in kernel or "e4m3" in case:
         return "fp8"
-    return "moe" if kernel in ("fused_moe", "moe_align") else "core"
+    return "moe" if kernel in ("fused_moe", "moe_align", "moe_route") else "core"
 
 
 def family_sha256(family: str) -> str:

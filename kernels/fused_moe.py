@@ -1,7 +1,8 @@
 """Fused mixture-of-experts: route each token to its top-k experts, sort the (token, slot) pairs into
 expert-aligned blocks, then two grouped GEMMs over the experts' stacked weights.
 
-1. `route`: softmax over the router logits in fp32, top-k, optional renormalisation of the k weights.
+1. `route`: softmax over the router logits in fp32, top-k, optional renormalisation of the k weights
+   (`route_fused`, moe_route.py, on the GPU: one launch).
 2. `align_block_size` (moe_align.py): pairs sorted by expert, each expert's run padded to a multiple of
    BLOCK_SIZE_M with a sentinel, so every program's BLOCK_SIZE_M rows share one expert's weights. Every shape
    is bounded by the token count alone and nothing reads a device value on the host, so the whole forward can
@@ -12,6 +13,8 @@ expert-aligned blocks, then two grouped GEMMs over the experts' stacked weights.
    [T*k, H]; the k rows of a token are summed after (a reduction over a [T, k, H] view).
 
 Weights are laid out as transformers 5 keeps them: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
+A few tokens (`uses_gemv`) take moe_gemv.py instead: one matrix-vector product per routed pair, no sort.
+
 `fused_experts_ref` (fused_moe_ref.py, free of Triton so CPU installs need none) is the same function in plain
 PyTorch, one expert at a time, in the order Hugging Face adds them: the CPU path and what the kernels are
 tested against.
@@ -26,8 +29,10 @@ from kvpilot.kernels._common import check_dtype, check_same, dot_upcast, mma
 from kvpilot.kernels.fused_moe_config import MoEConfig, get_config
 from kvpilot.kernels.fused_moe_ref import fused_experts_ref, route
 from kvpilot.kernels.moe_align import align_block_size, max_padded_pairs
+from kvpilot.kernels.moe_gemv import experts_gemv, uses_gemv
+from kvpilot.kernels.moe_route import route_fused
 
-__all__ = ["align_block_size", "fused_experts", "fused_experts_ref", "max_padded_pairs", "route"]
+__all__ = ["align_block_size", "fused_experts", "fused_experts_ref", "max_padded_pairs", "route", "route_fused"]
 
 
 @triton.jit
@@ -142,13 +147,17 @@ def fused_experts(
     topk_ids: torch.Tensor,
     config: MoEConfig | None = None,
 ) -> torch.Tensor:
-    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for x [T, H] -> [T, H], in x's dtype."""
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for x [T, H] -> [T, H], in x's dtype.
+
+    A given config forces the sorted path (the tune times it); without one a few tokens go pair by pair."""
     _check(x, w13, w2, topk_weights, topk_ids)
     tokens, top_k = topk_ids.shape
     experts, two_i, hidden = w13.shape
     inter = two_i // 2
     if tokens == 0:
         return torch.zeros_like(x)
+    if config is None and uses_gemv(tokens, top_k, experts):
+        return experts_gemv(x, w13, w2, topk_weights, topk_ids)
     cfg = config or get_config(tokens, experts, inter, x.dtype, x.device)
     bm, bn, bk = cfg.BLOCK_SIZE_M, cfg.BLOCK_SIZE_N, cfg.BLOCK_SIZE_K
     sorted_ids, expert_ids, total = align_block_size(topk_ids, bm, experts)

@@ -6,6 +6,9 @@ underscores), in `kernels/fused_moe_configs/` or the folder `$KVPILOT_FUSED_MOE_
 token counts (as strings); each value holds BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, num_warps
 and num_stages. A batch of M tokens takes the entry whose key is nearest M (vLLM's rule); without a table the
 heuristic below is used. `bench/tune_fused_moe.py` measures and writes tables: it needs the GPU.
+
+The few-token path (moe_gemv.py: one program per routed pair, no sort) has tiles of its own, a `GemvConfig`
+for each of its two kernels, kept in the same folder as `gemv,<table name>` with keys "gate_up" and "down".
 """
 
 from __future__ import annotations
@@ -43,6 +46,28 @@ class MoEConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """One few-token kernel's tile: BLOCK_N output units per program, BLOCK_K inputs per step of its loop."""
+
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("BLOCK_N", "BLOCK_K", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# Untuned: 16-row tiles give a one-token Qwen3-30B-A3B layer 384 gate/up and 1,024 down programs to stream with.
+DEFAULT_GEMV = {"gate_up": GemvConfig(16, 256, 4), "down": GemvConfig(16, 256, 4)}
+
+
 def table_name(num_experts: int, n: int, device_name: str, dtype: torch.dtype) -> str:
     return f"E={num_experts},N={n},device_name={device_name.replace(' ', '_')},dtype={_DTYPE_NAMES[dtype]}.json"
 
@@ -74,6 +99,20 @@ def load_table(name: str) -> dict[int, MoEConfig] | None:
     return parse_table(json.loads(path.read_text()))
 
 
+@cache
+def gemv_configs(num_experts: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, GemvConfig]:
+    """The few-token kernels' tiles for this shape and device: the tuned table's, else DEFAULT_GEMV."""
+    folder = Path(os.environ.get("KVPILOT_FUSED_MOE_CONFIGS") or CONFIG_DIR)
+    path = folder / ("gemv," + table_name(num_experts, n, device_name(device), dtype))
+    if not path.is_file():
+        return DEFAULT_GEMV
+    raw = json.loads(path.read_text())
+    try:
+        return {kernel: GemvConfig(**raw[kernel]) for kernel in DEFAULT_GEMV}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"few-token MoE tile table {str(path)!r}: {exc!r}") from exc
+
+
 def default_config(num_tokens: int, num_experts: int) -> MoEConfig:
     """vLLM's untuned default: small tiles while tokens per expert are few, larger ones after."""
     if num_tokens <= num_experts:
@@ -91,9 +130,10 @@ def get_config(num_tokens: int, num_experts: int, n: int, dtype: torch.dtype, de
 
 
 def distinct_configs(max_tokens: int, num_experts: int, n: int, dtype: torch.dtype,
-                     device: torch.device) -> dict[MoEConfig, int]:
-    """Each config some batch of 1..max_tokens tokens takes, with the smallest such batch: what warm-up runs."""
+                     device: torch.device, min_tokens: int = 1) -> dict[MoEConfig, int]:
+    """Each config some batch of min_tokens..max_tokens tokens takes, with the smallest such batch: what
+    warm-up runs (below min_tokens the few-token path takes the batch, without these tiles)."""
     found: dict[MoEConfig, int] = {}
-    for m in range(1, max_tokens + 1):
+    for m in range(min_tokens, max_tokens + 1):
         found.setdefault(get_config(m, num_experts, n, dtype, device), m)
     return found

@@ -10,6 +10,9 @@
 #   offline      bench.side_by_side offline; SHAPE, WORKLOADS, DECODE_BATCHES, PRECISION (e.g. "--quantization fp8"),
 #                ENGINE_ARGS (e.g. "--engine-arg max_num_seqs=1024") and NAME choose the run
 #   moe-kernels, moe-tune   bench/fused_moe.py and bench/tune_fused_moe.py on SHAPE (the tune writes the tile table)
+#   moe-gemv-tune           bench/tune_moe_gemv.py on SHAPE: the few-token MoE kernels' tiles (GEMV_S seconds)
+#   Tables go to $KVPILOT_FUSED_MOE_CONFIGS when set (e.g. /tmp/moe-configs: later calls on this machine read
+#   them there), else kernels/fused_moe_configs/; either folder goes back in the archive.
 #   serve        bench.side_by_side serve
 # Results stay in bench/results/ and go back as one archive, $OUT/kvpilot-<steps>.tgz (the tool returns 8 files).
 set -uo pipefail
@@ -49,6 +52,8 @@ for step in "$@"; do
              case ${SHAPE:-} in *a3b* | *mixtral* | *moe*) verified moe || continue ;; esac
              offline ;;
     moe-kernels) verified moe && timeout -k 5 "${MOE_S:-300}" python3 bench/fused_moe.py --shape "${SHAPE:-qwen3-30b-a3b}" 2>&1 ;;
+    moe-gemv-tune) verified moe && timeout -k 5 "${GEMV_S:-150}" python3 bench/tune_moe_gemv.py \
+                     --shape "${SHAPE:-qwen3-30b-a3b}" --budget-s "$(( ${GEMV_S:-150} - 30 ))" 2>&1 | tail -6 ;;
     moe-tune) verified moe && timeout -k 5 "${TUNE_TIMEOUT_S:-560}" python3 bench/tune_fused_moe.py \
                 --shape "${SHAPE:-qwen3-30b-a3b}" --budget-s "${TUNE_S:-500}" 2>&1 | tail -24 ;;
     serve) verified core && timeout -k 5 330 python3 -m bench.side_by_side serve --engine kvpilot \
@@ -57,7 +62,7 @@ for step in "$@"; do
   esac
 done
 mkdir -p "$RETURN"
-find bench/results kernels/fused_moe_configs /tmp -maxdepth 1 -type f \( -name "*.json" -o -name "*.log" \) \
+find bench/results "${KVPILOT_FUSED_MOE_CONFIGS:-kernels/fused_moe_configs}" /tmp -maxdepth 1 -type f \( -name "*.json" -o -name "*.log" \) \
   -newer "$STARTED" > /tmp/returned.txt
 tar -czf "$RETURN/kvpilot-$(date +%H%M%S)-$(IFS=-; echo "$*").tgz" -T /tmp/returned.txt && cat /tmp/returned.txt
 ls -la "$RETURN"

@@ -23,15 +23,16 @@ from kvpilot.kernels.fused_moe_ref import fused_experts_ref, route
 from torch import nn
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RouteFn = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
 @cache
-def _cuda_experts() -> ExpertsFn:
+def _cuda_kernels() -> tuple[RouteFn, ExpertsFn]:
     try:
-        from kvpilot.kernels.fused_moe import fused_experts
+        from kvpilot.kernels.fused_moe import fused_experts, route_fused
     except ImportError as exc:  # a reference with host syncs would break CUDA graph capture: refuse instead
         raise RuntimeError(f"mixture-of-experts models on CUDA need Triton for the fused MoE kernel: {exc}") from exc
-    return fused_experts
+    return route_fused, fused_experts
 
 
 class Experts(nn.Module):
@@ -43,7 +44,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        experts = _cuda_experts() if x.is_cuda else fused_experts_ref
+        experts = _cuda_kernels()[1] if x.is_cuda else fused_experts_ref
         return experts(x, self.gate_up_proj, self.down_proj, weights, ids)
 
 
@@ -61,7 +62,8 @@ class SparseMoE(nn.Module):
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sums of the block's output (the whole output when not sharded)."""
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        router = _cuda_kernels()[0] if x.is_cuda else route
+        weights, ids = router(self.gate(x), self.top_k, self.renormalize)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -85,8 +87,15 @@ def warm_up_experts(model: nn.Module, max_tokens: int) -> int:
     if not w13.is_cuda:
         return 0
     from kvpilot.kernels.fused_moe_config import distinct_configs
+    from kvpilot.kernels.moe_gemv import uses_gemv
 
-    sizes = distinct_configs(max_tokens, w13.shape[0], w13.shape[1] // 2, w13.dtype, w13.device).values()
+    experts = w13.shape[0]
+    gemv = [1] if uses_gemv(1, block.top_k, experts) else []
+    sorted_from = next((m for m in range(1, max_tokens + 1) if not uses_gemv(m, block.top_k, experts)), None)
+    configs = {} if sorted_from is None else distinct_configs(
+        max_tokens, experts, w13.shape[1] // 2, w13.dtype, w13.device, min_tokens=sorted_from
+    )
+    sizes = gemv + list(configs.values())
     for m in sizes:
         block.partial(torch.zeros(m, w13.shape[2], dtype=w13.dtype, device=w13.device))
     return len(sizes)

@@ -1,0 +1,116 @@
+"""The few-token path of the fused MoE: one program per (routed pair, tile of output units), no block sort.
+
+At decode sizes (a few tokens, each routed to k of many experts) nearly every pair has an expert of its own,
+so the sorted path's padding of each expert's run to a 16-row tile and its sort buy nothing: the step is one
+matrix-vector product per pair, bound by reading that expert's weights. Here each program reads its pair's
+token (or intermediate) row and a [BLOCK_N, K] slab of its expert's weights, and reduces in fp32 on the CUDA
+cores; nothing is padded, sorted or specialised on the token count, so every decode batch size shares one
+compiled kernel per tile and the whole path sits inside a captured graph.
+
+1. `_gate_up_gemv`: gate and up rows of w13[e] against x[token], SiLU(gate) * up, into act [T*k, I].
+2. `_down_gemv`: act[pair] against w2[e], times the pair's routing weight, into fp32 [T*k, H]; the k rows of
+   a token are summed after, in fp32, as the sorted path does.
+
+`uses_gemv` says when the path applies: while the pairs number at most half the experts, few experts are
+hit twice, so reading an expert's weights once per pair costs little over once per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from kvpilot.kernels.fused_moe_config import GemvConfig, gemv_configs
+
+
+def uses_gemv(tokens: int, top_k: int, num_experts: int) -> bool:
+    return 0 < tokens * top_k <= num_experts // 2
+
+
+@triton.jit
+def _gate_up_gemv(
+    x_ptr, w_ptr, out_ptr, ids_ptr, N, K, stride_x, stride_we, stride_wn, stride_o,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + (pair // TOP_K) * stride_x
+    gate_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    up_ptrs = gate_ptrs + N * stride_wn
+    acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_row + k0 + offs_k).to(tl.float32)
+            w_mask = n_mask[:, None]
+        else:
+            k_mask = offs_k < K - k0
+            x = tl.load(x_row + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            w_mask = n_mask[:, None] & k_mask[None, :]
+        acc_gate += tl.load(gate_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
+        acc_up += tl.load(up_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
+    gate = tl.sum(acc_gate, 1)
+    act = gate * tl.sigmoid(gate) * tl.sum(acc_up, 1)
+    tl.store(out_ptr + pair * stride_o + offs_n, act.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _down_gemv(
+    a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_a, stride_we, stride_wn, stride_o,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_row = a_ptr + pair * stride_a
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_row + k0 + offs_k).to(tl.float32)
+            w_mask = n_mask[:, None]
+        else:
+            k_mask = offs_k < K - k0
+            a = tl.load(a_row + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            w_mask = n_mask[:, None] & k_mask[None, :]
+        acc += tl.load(w_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * a[None, :]
+    out = tl.sum(acc, 1) * tl.load(weights_ptr + pair)
+    tl.store(out_ptr + pair * stride_o + offs_n, out, mask=n_mask)
+
+
+def experts_gemv(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    tiles: dict[str, GemvConfig] | None = None,
+) -> torch.Tensor:
+    """fused_experts' function for a few tokens (inputs checked by fused_experts): x [T, H] -> [T, H]."""
+    tokens, top_k = topk_ids.shape
+    experts, two_i, hidden = w13.shape
+    inter = two_i // 2
+    tiles = tiles or gemv_configs(experts, inter, x.dtype, x.device)
+    gu, dn = tiles["gate_up"], tiles["down"]
+    pairs = tokens * top_k
+    ids = topk_ids.reshape(-1)
+    act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
+    _gate_up_gemv[(pairs, triton.cdiv(inter, gu.BLOCK_N))](
+        x, w13, act, ids, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOP_K=top_k, BLOCK_N=gu.BLOCK_N, BLOCK_K=gu.BLOCK_K, EVEN_K=hidden % gu.BLOCK_K == 0,
+        num_warps=gu.num_warps,
+    )  # fmt: skip
+    out = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
+    weights = topk_weights.reshape(-1)
+    if weights.dtype != torch.float32:
+        weights = weights.float()
+    _down_gemv[(pairs, triton.cdiv(hidden, dn.BLOCK_N))](
+        act, w2, out, ids, weights, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_N=dn.BLOCK_N, BLOCK_K=dn.BLOCK_K, EVEN_K=inter % dn.BLOCK_K == 0, num_warps=dn.num_warps,
+    )  # fmt: skip
+    return out.view(tokens, top_k, hidden).sum(dim=1).to(x.dtype)
