@@ -24,8 +24,9 @@ def measured_device() -> tuple[Device, dict[str, float]]:
 
 
 def make_llm(shape: str, **overrides: Any) -> LLM:
+    """An LLM on dummy weights in one of SHAPES, or any folder of bench/configs (e.g. qwen3-30b-a3b)."""
     config = {"load_format": "dummy", "dtype": "bfloat16", "max_model_len": 4096, **overrides}
-    return LLM(str(SHAPES[shape]), **config)
+    return LLM(str(SHAPES.get(shape, CONFIGS / shape)), **config)
 
 
 def timed_generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict[str, float]:

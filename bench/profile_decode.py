@@ -1,8 +1,9 @@
 """Where a decode step's time goes: graph replay alone vs the whole engine step (async and sync), eager, and
 the kernel breakdown of one eager step.
 
-Run: `python -m bench.profile_decode [--batch 1,128]`. The kernel table comes from one eager forward under
-torch.profiler (graph replays hide kernels from it); their sum is the GPU time a replay also spends.
+Run: `python -m bench.profile_decode [--shape llama-3.1-8b] [--batch 1,128]`. The kernel table comes from one
+eager forward under torch.profiler (graph replays hide kernels from it); their sum is the GPU time a replay
+also spends.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def profile_batch(llm: Any, batch: int) -> dict[str, Any]:
         torch.cuda.synchronize()
     runner.graphs = graphs
     kernels: dict[str, float] = defaultdict(float)
+    launches = 0
     for evt in prof.key_averages():
         if evt.device_type.name == "CUDA" or getattr(evt, "self_device_time_total", 0):
             kernels[evt.key[:80]] += evt.self_device_time_total / 1000
+            launches += evt.count
     total = sum(kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
     for request_id in list(core.requests):
@@ -76,20 +79,23 @@ def profile_batch(llm: Any, batch: int) -> dict[str, Any]:
         "eager_step_ms": round(eager_ms, 3),
         "step_over_replay_ms": round(step_ms - replay_ms, 3),
         "kernel_sum_ms": round(total, 3),
+        "kernels_per_step": launches,
         "top_kernels_ms": {k: round(v, 3) for k, v in top},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="llama-3.1-8b", help="a folder of bench/configs")
     parser.add_argument("--batch", default="1,128")
     parser.add_argument("--name", default="profile_decode")
     args = parser.parse_args()
-    llm = make_llm("llama-3.1-8b", max_num_seqs=128, max_num_batched_tokens=16384)
-    runs = [profile_batch(llm, int(b)) for b in args.batch.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    llm = make_llm(args.shape, max_num_seqs=max(128, *batches), max_num_batched_tokens=16384)
+    runs = [profile_batch(llm, b) for b in batches]
     for run in runs:
         print(run, flush=True)
-    write_result(args.name, {**provenance(), "shape": "llama-3.1-8b", "runs": runs})
+    write_result(args.name, {**provenance(), "shape": args.shape, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ for step in "$@"; do
               | grep -v "^ok " ;;
     kernels) verified core && KVPILOT_SWEEP_BUDGET_S=${SWEEP_S:-90} timeout -k 5 200 python3 bench/kernels.py 2>&1 \
                | grep -v "^check" ;;
-    profile) verified core && timeout -k 5 150 python3 -m bench.profile_decode 2>&1 | tail -6 ;;
+    profile) verified core && timeout -k 5 "${PROFILE_S:-150}" python3 -m bench.profile_decode --shape "${SHAPE:-llama-3.1-8b}" \
+               --batch "${DECODE_BATCHES:-1,128}" --name "${NAME:-profile_decode-${SHAPE:-llama-3.1-8b}}" 2>&1 | tail -6 ;;
     fp8-gemm) verified fp8 && timeout -k 5 "${FP8_S:-240}" python3 bench/fp8_gemm.py 2>&1 | grep -v "^ok " ;;
     structured) verified core && timeout -k 5 60 python3 bench/large_vocab.py --shape llama-3.1-8b --out /tmp/llama-8b-tok \
                   && timeout -k 5 "${STRUCTURED_S:-300}" python3 bench/structured.py --model /tmp/llama-8b-tok \
