@@ -226,13 +226,17 @@ def family_of(kernel: str, case: str) -> str:
 def family_sha256(family: str) -> str:
     """A hash of what a family's verdict stands for: the cases and their helpers (this file above run_checks),
     and the kernels: every one but the FP8 ones for core and moe; for fp8 all of them, the FP8 layer and the
-    FP8 cases. A recorded pass is reused only for the very same code."""
+    FP8 cases. A recorded pass is reused only for the very same code. The tile tables in fused_moe_configs/
+    are left out: they choose among tiles, each of which the tune that wrote the table checked against the
+    reference on the GPU before timing it, so committing a table does not send a device call through every
+    check again (it did once: the checks outran the call)."""
     import hashlib
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
     root = here.parent
-    files = [f for f in sorted((root / "kernels").rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
+    files = [f for f in sorted((root / "kernels").rglob("*"))
+             if f.is_file() and "__pycache__" not in f.parts and "fused_moe_configs" not in f.parts]
     if family == "fp8":
         files += [root / "engine" / "quant" / "fp8_linear.py", here / "fp8_kernel_checks.py"]
     else:
