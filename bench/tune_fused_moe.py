@@ -3,13 +3,15 @@
 Run on the GPU the table is for, from the repository root:
     python bench/tune_fused_moe.py --shape qwen3-30b-a3b [--tp 1] [--tokens 1,2,4,...] [--budget-s 500]
 For each token count it times every candidate config (a pruned version of vLLM's search space: block sizes,
-grouping, warps and stages) on random routing, drops configs whose output differs from the reference or that
-the device rejects, and keeps the fastest. The table goes to kernels/fused_moe_configs/<name>.json (name and
-format: kernels/fused_moe_config.py) and to $OUT; the sweep itself, every config's time included, to
-bench/results/tune-fused-moe-<shape>-tp<tp>.json. The budget stops the sweep early and writes what was
-measured, so a device call never ends with nothing; but a table that misses token counts goes to
-bench/results/partial-<name> only, never to kernels/fused_moe_configs/: the engine would give every count not
-reached the nearest tuned one's tiles (one token's tiles for a 4,096-token prefill, say).
+grouping, warps and stages) on random routing, drops configs whose output differs from the reference or that the
+device rejects, and keeps the fastest. Each config is timed inside a CUDA graph, as the engine runs it (timed
+eagerly, a batch of a few dozen tokens measures its launches, not its tiles). Token counts the few-token path takes
+(kernels/moe_gemv.py) never read this table and are skipped. The table goes to kernels/fused_moe_configs/<name>.json
+(name and format: kernels/fused_moe_config.py) and to $OUT; the sweep itself, every config's time included, to
+bench/results/tune-fused-moe-<shape>-tp<tp>.json. The budget stops the sweep early and writes what was measured, so
+a device call never ends with nothing; but a table that misses token counts goes to bench/results/partial-<name>
+only, never to kernels/fused_moe_configs/: the engine would give every count not reached the nearest tuned one's
+tiles (one token's tiles for a 4,096-token prefill, say).
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench_ms, ensure_kvpilot_importable, provenance, write_result
+from common import RESULTS, ensure_kvpilot_importable, graph_ms, provenance, write_result
 
 ensure_kvpilot_importable()
 from kvpilot.engine.models.arch import load_arch  # noqa: E402
 from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route  # noqa: E402
-from kvpilot.kernels.fused_moe_config import CONFIG_DIR, MoEConfig, device_name, table_name  # noqa: E402
+from kvpilot.kernels.fused_moe_config import CONFIG_DIR, MoEConfig, device_name, table_name, uses_gemv  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
@@ -70,7 +72,7 @@ def tune_tokens(tokens: int, arch: Any, tp: int, deadline: float) -> dict[str, A
                 rows.append({"config": cfg.to_json(), "rel_err": err})
                 continue
             rows.append({"config": cfg.to_json(), "rel_err": err,
-                         "ms": bench_ms(lambda cfg=cfg: fused_experts(x, w13, w2, weights, ids, cfg), 5, 20)})
+                         "ms": graph_ms(lambda cfg=cfg: fused_experts(x, w13, w2, weights, ids, cfg), 10, 10)})
         except Exception as exc:  # too much shared memory, too many registers: the device says no
             rows.append({"config": cfg.to_json(), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
     timed = [r for r in rows if "ms" in r]
@@ -98,7 +100,9 @@ def main() -> int:
     sweep: dict[str, Any] = {"benchmark": "tune_fused_moe", **provenance(), "shape": args.shape, "tp": args.tp,
                              "table": name, "budget_s": args.budget_s, "runs": []}  # fmt: skip
     table: dict[str, dict[str, int]] = {}
-    for tokens in (int(t) for t in args.tokens.split(",")):
+    few = [t for t in map(int, args.tokens.split(",")) if uses_gemv(t, arch.num_experts_per_tok, arch.num_experts)]
+    sweep["few_token_path"] = few  # those batches never read this table: not timed
+    for tokens in (int(t) for t in args.tokens.split(",") if int(t) not in few):
         if time.monotonic() > deadline:
             sweep.setdefault("not_reached", []).append(tokens)
             continue

@@ -129,6 +129,23 @@ def get_config(num_tokens: int, num_experts: int, n: int, dtype: torch.dtype, de
     return pick(table, num_tokens) if table is not None else default_config(num_tokens, num_experts)
 
 
+def uses_gemv(tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether a batch takes the few-token path: while the pairs number at most half the experts, few experts
+    are hit twice, so reading an expert's weights once per pair costs little over once per expert."""
+    return 0 < tokens * top_k <= num_experts // 2
+
+
+def warm_up_batches(max_tokens: int, top_k: int, num_experts: int, n: int, dtype: torch.dtype,
+                    device: torch.device) -> list[int]:
+    """Batch sizes that together compile every kernel and tile a batch of 1..max_tokens tokens can take: one
+    few-token batch (its kernels do not specialise on the count), then the smallest batch of each sorted tile."""
+    gemv = [1] if uses_gemv(1, top_k, num_experts) else []
+    first = next((m for m in range(1, max_tokens + 1) if not uses_gemv(m, top_k, num_experts)), None)
+    if first is None:
+        return gemv
+    return gemv + list(distinct_configs(max_tokens, num_experts, n, dtype, device, min_tokens=first).values())
+
+
 def distinct_configs(max_tokens: int, num_experts: int, n: int, dtype: torch.dtype,
                      device: torch.device, min_tokens: int = 1) -> dict[MoEConfig, int]:
     """Each config some batch of min_tokens..max_tokens tokens takes, with the smallest such batch: what

@@ -11,8 +11,7 @@ compiled kernel per tile and the whole path sits inside a captured graph.
 2. `_down_gemv`: act[pair] against w2[e], times the pair's routing weight, into fp32 [T*k, H]; the k rows of
    a token are summed after, in fp32, as the sorted path does.
 
-`uses_gemv` says when the path applies: while the pairs number at most half the experts, few experts are
-hit twice, so reading an expert's weights once per pair costs little over once per expert.
+`uses_gemv` (fused_moe_config.py) says when the path applies.
 """
 
 from __future__ import annotations
@@ -20,11 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from kvpilot.kernels.fused_moe_config import GemvConfig, gemv_configs
+from kvpilot.kernels.fused_moe_config import GemvConfig, gemv_configs, uses_gemv
 
-
-def uses_gemv(tokens: int, top_k: int, num_experts: int) -> bool:
-    return 0 < tokens * top_k <= num_experts // 2
+__all__ = ["experts_gemv", "uses_gemv"]
 
 
 @triton.jit

@@ -86,16 +86,9 @@ def warm_up_experts(model: nn.Module, max_tokens: int) -> int:
     w13 = block.experts.gate_up_proj
     if not w13.is_cuda:
         return 0
-    from kvpilot.kernels.fused_moe_config import distinct_configs
-    from kvpilot.kernels.moe_gemv import uses_gemv
+    from kvpilot.kernels.fused_moe_config import warm_up_batches
 
-    experts = w13.shape[0]
-    gemv = [1] if uses_gemv(1, block.top_k, experts) else []
-    sorted_from = next((m for m in range(1, max_tokens + 1) if not uses_gemv(m, block.top_k, experts)), None)
-    configs = {} if sorted_from is None else distinct_configs(
-        max_tokens, experts, w13.shape[1] // 2, w13.dtype, w13.device, min_tokens=sorted_from
-    )
-    sizes = gemv + list(configs.values())
+    sizes = warm_up_batches(max_tokens, block.top_k, w13.shape[0], w13.shape[1] // 2, w13.dtype, w13.device)
     for m in sizes:
         block.partial(torch.zeros(m, w13.shape[2], dtype=w13.dtype, device=w13.device))
     return len(sizes)

@@ -107,3 +107,19 @@ def test_few_token_tiles_come_from_their_table(tmp_path: Path, monkeypatch: pyte
             cfgs.gemv_configs(8, 48, torch.bfloat16, cpu)
     finally:
         cfgs.gemv_configs.cache_clear()
+
+
+def test_warm_up_compiles_the_few_token_path_once_and_each_sorted_tile(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen3-30B-A3B routes top-8 of 128: 1-8 tokens go pair by pair (one compiled kernel for all), 9+ sort;
+    the sorted tiles' smallest batches start at 9, not at 1, where the few-token path would take the batch."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("KVPILOT_FUSED_MOE_CONFIGS", str(tmp_path))  # no table: the default tiles
+    cfgs.load_table.cache_clear()
+    try:
+        assert cfgs.warm_up_batches(8192, 8, 128, 768, torch.bfloat16, cpu) == [1, 9, 129]
+        assert cfgs.warm_up_batches(8, 8, 128, 768, torch.bfloat16, cpu) == [1]
+        assert cfgs.warm_up_batches(4096, 2, 8, 1792, torch.bfloat16, cpu) == [1, 3, 9], "Mixtral: 1-2 tokens"
+        assert cfgs.warm_up_batches(100, 8, 8, 64, torch.bfloat16, cpu) == [1, 9], "top-8 of 8: never few-token"
+    finally:
+        cfgs.load_table.cache_clear()
