@@ -25,28 +25,41 @@ __all__ = ["experts_gemv", "uses_gemv"]
 
 
 @triton.jit
+def _pair_tile(ids_ptr, w_ptr, N, stride_we, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's pair, its output units (and their mask), and its expert's first [BLOCK_N, BLOCK_K] tile."""
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    return pair, offs_n, offs_n < N, offs_k, w_ptrs
+
+
+@triton.jit
+def _row_chunk(row_ptr, k0, offs_k, n_mask, K, EVEN_K: tl.constexpr):
+    """Inputs k0 .. k0 + BLOCK_K of one row in fp32, and the mask of the weight tile they meet."""
+    if EVEN_K:
+        row = tl.load(row_ptr + k0 + offs_k).to(tl.float32)
+        w_mask = n_mask[:, None]
+    else:
+        k_mask = offs_k < K - k0
+        row = tl.load(row_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+    return row, w_mask
+
+
+@triton.jit
 def _gate_up_gemv(
     x_ptr, w_ptr, out_ptr, ids_ptr, N, K, stride_x, stride_we, stride_wn, stride_o,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    pair = tl.program_id(0).to(tl.int64)
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    pair, offs_n, n_mask, offs_k, gate_ptrs = _pair_tile(ids_ptr, w_ptr, N, stride_we, stride_wn, BLOCK_N, BLOCK_K)
     x_row = x_ptr + (pair // TOP_K) * stride_x
-    gate_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     up_ptrs = gate_ptrs + N * stride_wn
     acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_row + k0 + offs_k).to(tl.float32)
-            w_mask = n_mask[:, None]
-        else:
-            k_mask = offs_k < K - k0
-            x = tl.load(x_row + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            w_mask = n_mask[:, None] & k_mask[None, :]
+        x, w_mask = _row_chunk(x_row, k0, offs_k, n_mask, K, EVEN_K)
         acc_gate += tl.load(gate_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
         acc_up += tl.load(up_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
     gate = tl.sum(acc_gate, 1)
@@ -59,22 +72,11 @@ def _down_gemv(
     a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_a, stride_we, stride_wn, stride_o,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    pair = tl.program_id(0).to(tl.int64)
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    pair, offs_n, n_mask, offs_k, w_ptrs = _pair_tile(ids_ptr, w_ptr, N, stride_we, stride_wn, BLOCK_N, BLOCK_K)
     a_row = a_ptr + pair * stride_a
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_row + k0 + offs_k).to(tl.float32)
-            w_mask = n_mask[:, None]
-        else:
-            k_mask = offs_k < K - k0
-            a = tl.load(a_row + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            w_mask = n_mask[:, None] & k_mask[None, :]
+        a, w_mask = _row_chunk(a_row, k0, offs_k, n_mask, K, EVEN_K)
         acc += tl.load(w_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * a[None, :]
     out = tl.sum(acc, 1) * tl.load(weights_ptr + pair)
     tl.store(out_ptr + pair * stride_o + offs_n, out, mask=n_mask)
