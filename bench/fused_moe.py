@@ -42,8 +42,8 @@ from kvpilot.kernels.fused_moe_config import (  # noqa: E402
     get_config,
     load_table,
     table_name,
+    uses_gemv,
 )
-from kvpilot.kernels.moe_gemv import uses_gemv  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENS = (1, 2, 4, 8, 16, 64, 4096)

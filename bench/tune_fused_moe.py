@@ -6,12 +6,12 @@ For each token count it times every candidate config (a pruned version of vLLM's
 grouping, warps and stages) on random routing, drops configs whose output differs from the reference or that the
 device rejects, and keeps the fastest. Each config is timed inside a CUDA graph, as the engine runs it (timed
 eagerly, a batch of a few dozen tokens measures its launches, not its tiles). Token counts the few-token path takes
-(kernels/moe_gemv.py) never read this table and are skipped. The table goes to kernels/fused_moe_configs/<name>.json
-(name and format: kernels/fused_moe_config.py) and to $OUT; the sweep itself, every config's time included, to
-bench/results/tune-fused-moe-<shape>-tp<tp>.json. The budget stops the sweep early and writes what was measured, so
-a device call never ends with nothing; but a table that misses token counts goes to bench/results/partial-<name>
-only, never to kernels/fused_moe_configs/: the engine would give every count not reached the nearest tuned one's
-tiles (one token's tiles for a 4,096-token prefill, say).
+(kernels/moe_gemv.py) never read this table and are skipped. The table goes to <name>.json in
+$KVPILOT_FUSED_MOE_CONFIGS (else kernels/fused_moe_configs/) (name and format: kernels/fused_moe_config.py) and to
+$OUT; the sweep itself, every config's time included, to bench/results/tune-fused-moe-<shape>-tp<tp>.json. The
+budget stops the sweep early and writes what was measured, so a device call never ends with nothing; but a table
+that misses token counts goes to bench/results/partial-<name> only, never to kernels/fused_moe_configs/: the engine
+would give every count not reached the nearest tuned one's tiles (one token's tiles for a 4,096-token prefill, say).
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ from common import RESULTS, ensure_kvpilot_importable, graph_ms, provenance, wri
 ensure_kvpilot_importable()
 from kvpilot.engine.models.arch import load_arch  # noqa: E402
 from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route  # noqa: E402
-from kvpilot.kernels.fused_moe_config import CONFIG_DIR, MoEConfig, device_name, table_name, uses_gemv  # noqa: E402
+from kvpilot.kernels.fused_moe_config import (  # noqa: E402
+    MoEConfig,
+    device_name,
+    table_name,
+    table_path,
+    uses_gemv,
+)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
@@ -100,9 +106,10 @@ def main() -> int:
     sweep: dict[str, Any] = {"benchmark": "tune_fused_moe", **provenance(), "shape": args.shape, "tp": args.tp,
                              "table": name, "budget_s": args.budget_s, "runs": []}  # fmt: skip
     table: dict[str, dict[str, int]] = {}
-    few = [t for t in map(int, args.tokens.split(",")) if uses_gemv(t, arch.num_experts_per_tok, arch.num_experts)]
+    counts = [int(t) for t in args.tokens.split(",")]
+    few = [t for t in counts if uses_gemv(t, arch.num_experts_per_tok, arch.num_experts)]
     sweep["few_token_path"] = few  # those batches never read this table: not timed
-    for tokens in (int(t) for t in args.tokens.split(",") if int(t) not in few):
+    for tokens in (t for t in counts if t not in few):
         if time.monotonic() > deadline:
             sweep.setdefault("not_reached", []).append(tokens)
             continue
@@ -119,9 +126,9 @@ def main() -> int:
         name = f"partial-{name}"
         targets = [RESULTS / name]
         print(f"the budget ended before token counts {sweep['not_reached']}: the partial table is not installed "
-              f"in {CONFIG_DIR}", file=sys.stderr)
+              f"in {table_path(name).parent}", file=sys.stderr)
     else:
-        targets = [CONFIG_DIR / name]
+        targets = [table_path(name)]
     targets += [Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else []
     for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,13 +31,14 @@ ensure_kvpilot_importable()
 from kvpilot.engine.models.arch import load_arch  # noqa: E402
 from kvpilot.kernels.fused_moe import fused_experts_ref, route  # noqa: E402
 from kvpilot.kernels.fused_moe_config import (  # noqa: E402
-    CONFIG_DIR,
     DEFAULT_GEMV,
     GemvConfig,
     device_name,
     table_name,
+    table_path,
+    uses_gemv,
 )
-from kvpilot.kernels.moe_gemv import experts_gemv, uses_gemv  # noqa: E402
+from kvpilot.kernels.moe_gemv import experts_gemv  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CALLS = 20
@@ -132,8 +133,7 @@ def main() -> int:
     if not complete:
         print("the budget ended the sweep early: no table written", file=sys.stderr)
         return 1
-    folder = Path(os.environ.get("KVPILOT_FUSED_MOE_CONFIGS") or CONFIG_DIR)
-    targets = [folder / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
+    targets = [table_path(name)] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
     for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(sweep["best"], indent=2) + "\n")

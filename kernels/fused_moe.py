@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 from kvpilot.kernels._common import check_dtype, check_same, dot_upcast, mma
-from kvpilot.kernels.fused_moe_config import MoEConfig, get_config
+from kvpilot.kernels.fused_moe_config import MoEConfig, get_config, uses_gemv
 from kvpilot.kernels.fused_moe_ref import fused_experts_ref, route
 from kvpilot.kernels.moe_align import align_block_size, max_padded_pairs
-from kvpilot.kernels.moe_gemv import experts_gemv, uses_gemv
+from kvpilot.kernels.moe_gemv import experts_gemv
 from kvpilot.kernels.moe_route import route_fused
 
 __all__ = ["align_block_size", "fused_experts", "fused_experts_ref", "max_padded_pairs", "route", "route_fused"]

@@ -90,10 +90,14 @@ def parse_table(raw: dict[str, dict[str, int]]) -> dict[int, MoEConfig]:
     return table
 
 
+def table_path(name: str) -> Path:
+    """Where a table of this name lives: $KVPILOT_FUSED_MOE_CONFIGS when set, else CONFIG_DIR."""
+    return Path(os.environ.get("KVPILOT_FUSED_MOE_CONFIGS") or CONFIG_DIR) / name
+
+
 @cache
 def load_table(name: str) -> dict[int, MoEConfig] | None:
-    folder = Path(os.environ.get("KVPILOT_FUSED_MOE_CONFIGS") or CONFIG_DIR)
-    path = folder / name
+    path = table_path(name)
     if not path.is_file():
         return None
     return parse_table(json.loads(path.read_text()))
@@ -102,8 +106,7 @@ def load_table(name: str) -> dict[int, MoEConfig] | None:
 @cache
 def gemv_configs(num_experts: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, GemvConfig]:
     """The few-token kernels' tiles for this shape and device: the tuned table's, else DEFAULT_GEMV."""
-    folder = Path(os.environ.get("KVPILOT_FUSED_MOE_CONFIGS") or CONFIG_DIR)
-    path = folder / ("gemv," + table_name(num_experts, n, device_name(device), dtype))
+    path = table_path("gemv," + table_name(num_experts, n, device_name(device), dtype))
     if not path.is_file():
         return DEFAULT_GEMV
     raw = json.loads(path.read_text())

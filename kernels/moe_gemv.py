@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from kvpilot.kernels.fused_moe_config import GemvConfig, gemv_configs, uses_gemv
-
-__all__ = ["experts_gemv", "uses_gemv"]
+from kvpilot.kernels.fused_moe_config import GemvConfig, gemv_configs
 
 
 @triton.jit

@@ -10,8 +10,8 @@ import pytest
 import torch
 from kvpilot.kernels import fused_moe_config as cfgs
 from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route, route_fused
-from kvpilot.kernels.fused_moe_config import GemvConfig
-from kvpilot.kernels.moe_gemv import experts_gemv, uses_gemv
+from kvpilot.kernels.fused_moe_config import GemvConfig, uses_gemv
+from kvpilot.kernels.moe_gemv import experts_gemv
 
 from .helpers import DTYPES, TOL, rel_err
 
