@@ -71,11 +71,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                norms: tuple[RMSNorm, RMSNorm] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated q and k; with `norms` (Qwen3's q_norm and k_norm) each head is RMS-normalised first."""
         fused = _kernels_for(q)
-        if fused is not None:  # rotates the views of the fused qkv output in place: no copies
-            fused.rotary_embedding(positions, q, k, self.cos, self.sin)
+        if fused is not None:  # normalises and rotates the views of the fused qkv output in place: no copies
+            weights = (norms[0].weight, norms[1].weight, norms[0].eps) if norms is not None else None
+            fused.rotary_embedding(positions, q, k, self.cos, self.sin, weights)
             return q, k
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

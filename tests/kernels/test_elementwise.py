@@ -96,6 +96,49 @@ def test_rotary_in_place_gqa(dtype: torch.dtype) -> None:
     assert torch.equal(qkv[:, 6 * 32 :], v_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_with_fused_head_norms(dtype: torch.dtype) -> None:
+    """Qwen3's q_norm/k_norm fused in front of the rotation: each head normalised, rounded as the unfused
+    layers round, rotated; v untouched; head counts that do not fill a block of heads."""
+    gen = torch.Generator().manual_seed(5)
+    cos, sin = build_rope_cache(32, 300, 1000000.0)
+    qkv = (3 * torch.randn(5, (6 + 3 + 3) * 32, generator=gen)).to(dtype)
+    q, k = qkv[:, : 6 * 32].view(5, 6, 32), qkv[:, 6 * 32 : 9 * 32].view(5, 3, 32)
+    norms = ((1 + 0.2 * torch.randn(32, generator=gen)).to(dtype), torch.randn(32, generator=gen).to(dtype), 1e-6)
+    positions = torch.tensor([0, 3, 64, 200, 299], dtype=torch.int32)
+    q_ref, k_ref, v_before = q.clone(), k.clone(), qkv[:, 9 * 32 :].clone()
+    rotary_embedding(positions, q, k, cos, sin, norms)
+    rotary_embedding_ref(positions, q_ref, k_ref, cos, sin, norms)
+    assert rel_err(q, q_ref) <= TOL[dtype]
+    assert rel_err(k, k_ref) <= TOL[dtype]
+    assert torch.equal(qkv[:, 9 * 32 :], v_before)
+
+
+def test_rotary_head_norm_reference_is_hf_qwen3() -> None:
+    """The fused norm's reference is transformers' Qwen3 q_norm applied head by head, then the rotation."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    cos, sin = build_rope_cache(16, 40, 10000.0)
+    positions = torch.tensor([1, 30])
+    q, k = torch.randn(2, 4, 16), torch.randn(2, 2, 16)
+    hf_q_norm, hf_k_norm = Qwen3RMSNorm(16, eps=1e-6), Qwen3RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        hf_q_norm.weight.normal_()
+        hf_k_norm.weight.normal_()
+    want_q, want_k = hf_q_norm(q).detach(), hf_k_norm(k).detach()
+    rotary_embedding_ref(positions, want_q, want_k, cos, sin)
+    rotary_embedding(positions, q, k, cos, sin, (hf_q_norm.weight.detach(), hf_k_norm.weight.detach(), 1e-6))
+    assert rel_err(q, want_q) <= 1e-6
+    assert rel_err(k, want_k) <= 1e-6
+
+
+def test_rotary_rejects_bad_norm_weight() -> None:
+    cos, sin = build_rope_cache(16, 8, 10000.0)
+    q, k = torch.randn(1, 2, 16), torch.randn(1, 1, 16)
+    with pytest.raises(ValueError, match="k norm weight"):
+        rotary_embedding(torch.tensor([0]), q, k, cos, sin, (torch.ones(16), torch.ones(8), 1e-6))
+
+
 def test_rotary_matches_hf_rotate_half() -> None:
     """The reference itself agrees with HF's apply_rotary_pos_emb on fp32 inputs."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
