@@ -10,7 +10,7 @@ expert-aligned blocks, then two grouped GEMMs over the experts' stacked weights.
 3. `_gate_up_kernel`: hidden[token] @ w13[e].T for the gate and up halves together, SiLU(gate) * up in fp32,
    one row per pair of the [T*k, I] intermediate.
 4. `_down_kernel`: intermediate[pair] @ w2[e].T times the pair's routing weight, one row per pair of
-   [T*k, H]; the k rows of a token are summed after (a reduction over a [T, k, H] view).
+   [T*k, H]; the k rows of a token are summed after, in fp32, by one small kernel (moe_sum.py).
 
 Weights are laid out as transformers 5 keeps them: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
 A few tokens (`uses_gemv`) take moe_gemv.py instead: one matrix-vector product per routed pair, no sort.
@@ -31,6 +31,7 @@ from kvpilot.kernels.fused_moe_ref import fused_experts_ref, route
 from kvpilot.kernels.moe_align import align_block_size, max_padded_pairs
 from kvpilot.kernels.moe_gemv import experts_gemv
 from kvpilot.kernels.moe_route import route_fused
+from kvpilot.kernels.moe_sum import sum_top_k
 
 __all__ = ["align_block_size", "fused_experts", "fused_experts_ref", "max_padded_pairs", "route", "route_fused"]
 
@@ -180,4 +181,4 @@ def fused_experts(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.GROUP_SIZE_M,
         PRECISION=precision, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return out.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    return sum_top_k(out, top_k, x.dtype)

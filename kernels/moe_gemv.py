@@ -9,7 +9,7 @@ compiled kernel per tile and the whole path sits inside a captured graph.
 
 1. `_gate_up_gemv`: gate and up rows of w13[e] against x[token], SiLU(gate) * up, into act [T*k, I].
 2. `_down_gemv`: act[pair] against w2[e], times the pair's routing weight, into fp32 [T*k, H]; the k rows of
-   a token are summed after, in fp32, as the sorted path does.
+   a token are summed after, in fp32, as the sorted path does (moe_sum.py).
 
 `uses_gemv` (fused_moe_config.py) says when the path applies.
 """
@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 from kvpilot.kernels.fused_moe_config import GemvConfig, gemv_configs
+from kvpilot.kernels.moe_sum import sum_top_k
 
 
 @triton.jit
@@ -110,4 +111,4 @@ def experts_gemv(
         act, w2, out, ids, weights, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         BLOCK_N=dn.BLOCK_N, BLOCK_K=dn.BLOCK_K, EVEN_K=inter % dn.BLOCK_K == 0, num_warps=dn.num_warps,
     )  # fmt: skip
-    return out.view(tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+    return sum_top_k(out, top_k, x.dtype)

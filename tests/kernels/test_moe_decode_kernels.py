@@ -1,5 +1,5 @@
-"""The MoE decode kernels against the PyTorch reference: the one-launch router and the few-token path that
-goes pair by pair without sorting (run under TRITON_INTERPRET=1, as every kernel test here)."""
+"""The MoE decode kernels against the PyTorch reference: the one-launch router, the few-token path that
+goes pair by pair without sorting, and the top-k sum (run under TRITON_INTERPRET=1, as every kernel test here)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from kvpilot.kernels import fused_moe_config as cfgs
 from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route, route_fused
 from kvpilot.kernels.fused_moe_config import GemvConfig, uses_gemv
 from kvpilot.kernels.moe_gemv import experts_gemv
+from kvpilot.kernels.moe_sum import sum_top_k, sum_top_k_ref
 
 from .helpers import DTYPES, TOL, rel_err
 
@@ -39,6 +40,19 @@ def test_the_few_token_path_matches_the_reference(dtype: torch.dtype, tiles: dic
     out = experts_gemv(x, w13, w2, weights, topk, tiles)
     assert out.dtype == dtype and out.shape == x.shape
     assert rel_err(out, fused_experts_ref(x, w13, w2, weights, topk)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "top_k", "hidden"), [(1, 8, 80), (5, 2, 2048 + 7), (3, 1, 16)])
+def test_the_top_k_sum_is_the_fp32_sum_of_each_tokens_rows(dtype: torch.dtype, tokens: int, top_k: int,
+                                                           hidden: int) -> None:
+    rows = torch.randn(tokens * top_k, hidden, generator=torch.Generator().manual_seed(tokens))
+    for rows_dtype in (torch.float32, dtype):
+        out = sum_top_k(rows.to(rows_dtype), top_k, dtype)
+        assert out.dtype == dtype and out.shape == (tokens, hidden)
+        assert rel_err(out, sum_top_k_ref(rows.to(rows_dtype), top_k, dtype)) <= TOL[dtype]
+    with pytest.raises(ValueError, match="contiguous"):
+        sum_top_k(rows.t(), top_k, dtype)
 
 
 def test_few_tokens_take_the_pair_path_and_many_the_sorted_one(monkeypatch: pytest.MonkeyPatch) -> None:
