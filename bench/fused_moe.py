@@ -5,7 +5,8 @@ For each token count it routes random router logits (softmax, top-k, the shape's
 kernels against the PyTorch reference, captures the whole call (routing's block sort included) in a CUDA graph
 and checks the replay gives the same output (the graph-safety the engine's captured steps rely on), then times
 the eager call and the replay. Batches on the few-token path (moe_gemv.py) also time the sorted path on the
-same inputs, and the routing alone is timed both ways (one launch, and the PyTorch ops). The floor is the
+same inputs, and the routing and the block sort alone are each timed both ways (one launch, and the PyTorch
+ops: the sort's kernel also above the pair count where the engine hands it to the PyTorch ops). The floor is the
 larger of the bytes that must move (every expert the batch touches, read once, plus the activations) at the
 measured copy bandwidth and the matmul flops at the measured bf16 peak; the fraction of it reached is the
 figure issue 15 asks for. vLLM's fused_experts, when importable
@@ -43,6 +44,11 @@ from kvpilot.kernels.fused_moe_config import (  # noqa: E402
     load_table,
     table_name,
     uses_gemv,
+)
+from kvpilot.kernels.moe_align import (  # noqa: E402
+    KERNEL_MAX_PAIRS,
+    align_block_size_kernel,
+    align_block_size_ref,
 )
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -107,6 +113,10 @@ def bench_tokens(tokens: int, arch: Any, tp: int, ceilings: dict[str, float], vl
                    else cfg.to_json()),
         "route_fused_ms": graph_ms(lambda: route_fused(logits, top_k, arch.norm_topk_prob)),
         "route_torch_ms": graph_ms(lambda: route(logits, top_k, arch.norm_topk_prob)),
+        "align_block_m": cfg.BLOCK_SIZE_M,
+        "align_kernel_ms": graph_ms(lambda: align_block_size_kernel(ids, cfg.BLOCK_SIZE_M, experts)),
+        "align_torch_ms": graph_ms(lambda: align_block_size_ref(ids, cfg.BLOCK_SIZE_M, experts)),
+        "align_engine_path": "kernel" if tokens * top_k <= KERNEL_MAX_PAIRS else "torch",
         "rel_err_vs_reference": rel,
         "graph_replay_equals_eager": bool(torch.equal(graph_out, eager)),
         "eager_ms": bench_ms(call),

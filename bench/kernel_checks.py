@@ -17,7 +17,8 @@ from kvpilot.kernels.extend_attention import (
 )
 from kvpilot.kernels.fused_moe import fused_experts, fused_experts_ref, route, route_fused
 from kvpilot.kernels.fused_moe_config import get_config
-from kvpilot.kernels.moe_align import align_block_size, align_block_size_ref
+from kvpilot.kernels.moe_align import align_block_size_kernel, align_block_size_ref
+from kvpilot.kernels.moe_sum import sum_top_k, sum_top_k_ref
 from kvpilot.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kvpilot.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kvpilot.kernels.rotary import build_rope_cache, rotary_embedding, rotary_embedding_ref
@@ -96,6 +97,24 @@ def _rotary(dtype: torch.dtype) -> float:
     return max(_rel(q, q_ref), _rel(k, k_ref))
 
 
+def _qk_norm_rotary(dtype: torch.dtype) -> float:
+    """Qwen3's q/k head norms fused in front of the rotation (32/4 heads, d128, as Qwen3-30B-A3B)."""
+    cos, sin = build_rope_cache(128, 8192, 1000000.0, device=DEVICE)
+    qkv = (3 * torch.randn(77, 40 * 128, device=DEVICE)).to(dtype)
+    q, k = qkv[:, : 32 * 128].view(-1, 32, 128), qkv[:, 32 * 128 : 36 * 128].view(-1, 4, 128)
+    norms = ((1 + 0.2 * torch.randn(128, device=DEVICE)).to(dtype), torch.randn(128, device=DEVICE).to(dtype), 1e-6)
+    q_ref, k_ref = q.clone(), k.clone()
+    positions = torch.randint(0, 8192, (77,), device=DEVICE)
+    rotary_embedding(positions, q, k, cos, sin, norms)
+    rotary_embedding_ref(positions, q_ref, k_ref, cos, sin, norms)
+    return max(_rel(q, q_ref), _rel(k, k_ref))
+
+
+def _moe_sum(dtype: torch.dtype, tokens: int, top_k: int, rows_dtype: torch.dtype) -> float:
+    rows = torch.randn(tokens * top_k, 2048, device=DEVICE).to(rows_dtype)
+    return _rel(sum_top_k(rows, top_k, dtype), sum_top_k_ref(rows, top_k, dtype))
+
+
 def _silu(dtype: torch.dtype) -> float:
     x = torch.randn(129, 2 * 14336, device=DEVICE).to(dtype)
     return _rel(silu_and_mul(x), silu_and_mul_ref(x))
@@ -142,9 +161,10 @@ def _route(tokens: int, experts: int, top_k: int, renormalize: bool) -> float:
 
 
 def _align(tokens: int, experts: int, top_k: int, block_m: int) -> float:
-    """0.0 if the one-program sort equals the torch sort bit for bit, else 1.0 (it moves ids, no arithmetic)."""
-    ids = torch.stack([torch.randperm(experts, device=DEVICE)[:top_k] for _ in range(tokens)])
-    got, want = align_block_size(ids, block_m, experts), align_block_size_ref(ids, block_m, experts)
+    """0.0 if the sort kernel equals the torch sort bit for bit, else 1.0 (it moves ids, no arithmetic); the
+    kernel is run at every count, also above the one where the engine hands long prefills to the torch ops."""
+    ids = torch.rand(tokens, experts, device=DEVICE).argsort(dim=1)[:, :top_k].to(torch.int32)
+    got, want = align_block_size_kernel(ids, block_m, experts), align_block_size_ref(ids, block_m, experts)
     return 0.0 if all(torch.equal(g, w) for g, w in zip(got, want, strict=True)) else 1.0
 
 
@@ -167,6 +187,9 @@ def _cases() -> list[tuple[str, str, torch.dtype, Callable[[], float]]]:
             ("rms_norm", f"{name} 257x4096", dt, lambda dt=dt: _norm(dt)),
             ("fused_add_rms_norm", f"{name} 257x4096", dt, lambda dt=dt: _add_norm(dt)),
             ("rotary_embedding", f"{name} llama3 T333 32/8 d128", dt, lambda dt=dt: _rotary(dt)),
+            ("rotary_embedding", f"{name} qk norms T77 32/4 d128", dt, lambda dt=dt: _qk_norm_rotary(dt)),
+            ("moe_sum", f"{name} T1 top8 fp32 rows", dt, lambda dt=dt: _moe_sum(dt, 1, 8, torch.float32)),
+            ("moe_sum", f"{name} T333 top8", dt, lambda dt=dt: _moe_sum(dt, 333, 8, dt)),
             ("silu_and_mul", f"{name} 129x(2x14336)", dt, lambda dt=dt: _silu(dt)),
             ("paged_decode_attention", f"{name} block16 default splits", dt, lambda dt=dt: _decode(dt, 16, None)),
             ("paged_decode_attention", f"{name} block32 1 split", dt, lambda dt=dt: _decode(dt, 32, 1)),
@@ -189,9 +212,10 @@ def _cases() -> list[tuple[str, str, torch.dtype, Callable[[], float]]]:
                                            (9, 60, 4, False)):
         cases.append(("moe_route", f"E{experts} top{top_k} T{tokens}", torch.float32,
                       lambda t=tokens, e=experts, k=top_k, r=renorm: _route(t, e, k, r)))  # fmt: skip
-    for tokens, block_m in ((1, 16), (64, 16), (333, 64)):
-        cases.append(("moe_align", f"E128 top8 T{tokens} block{block_m}", torch.float32,
-                      lambda t=tokens, b=block_m: _align(t, 128, 8, b)))  # fmt: skip
+    for tokens, experts, top_k, block_m in ((1, 128, 8, 16), (64, 128, 8, 16), (333, 128, 8, 64), (512, 128, 8, 16),
+                                            (4096, 128, 8, 64), (3, 8, 2, 64), (1000, 8, 2, 32)):
+        cases.append(("moe_align", f"E{experts} top{top_k} T{tokens} block{block_m}", torch.float32,
+                      lambda t=tokens, e=experts, k=top_k, b=block_m: _align(t, e, k, b)))  # fmt: skip
     return cases + fp8_cases()
 
 
@@ -220,7 +244,7 @@ def family_of(kernel: str, case: str) -> str:
     """Which timings a failed check must stop: fp8, moe, or core (everything else)."""
     if "fp8" in kernel or "e4m3" in case:
         return "fp8"
-    return "moe" if kernel in ("fused_moe", "moe_align", "moe_route") else "core"
+    return "moe" if kernel in ("fused_moe", "moe_align", "moe_route", "moe_sum") else "core"
 
 
 def family_sha256(family: str) -> str:
