@@ -16,6 +16,8 @@
 #   serve        bench.side_by_side serve
 # Results stay in bench/results/ and go back as one archive, $OUT/kvpilot-<steps>.tgz (the tool returns 8 files).
 set -uo pipefail
+: "${KVPILOT_COMMIT:?set KVPILOT_COMMIT=<git rev-parse HEAD> on the device call (the .git of the machine can lag the tree it runs)}"
+export KVPILOT_COMMIT
 if [ ! -f /tmp/kvpilot-installed ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || { echo "wheels failed"; exit 1; }
   PYTHONPATH=/tmp/site python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \

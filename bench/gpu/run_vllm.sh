@@ -5,6 +5,8 @@
 # kvpilot's fused MoE kernels with vLLM's fused_experts beside them on the same inputs. Results go back as one
 # archive, $OUT/vllm-<steps>.tgz.
 set -uo pipefail
+: "${KVPILOT_COMMIT:?set KVPILOT_COMMIT=<git rev-parse HEAD> on the device call (the .git of the machine can lag the tree it runs)}"
+export KVPILOT_COMMIT
 if [ ! -d /tmp/vsite/vllm ]; then
   mkdir -p /tmp/peer/p3 && cp .peer/p3/* /tmp/peer/p3/ && (cd /tmp/peer && cp p3/SHA256SUMS . && sha256sum -c --quiet SHA256SUMS \
     && cat p0/part-* p1/part-* p2/part-* p3/part-* | tar -xf - \
