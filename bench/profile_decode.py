@@ -2,8 +2,9 @@
 the kernel breakdown of one eager step.
 
 Run: `python -m bench.profile_decode [--shape llama-3.1-8b] [--batch 1,128]`. The kernel table comes from one
-eager forward under torch.profiler (graph replays hide kernels from it); their sum is the GPU time a replay
-also spends.
+eager step under torch.profiler (graph replays hide kernels from it), with the decode and the piecewise graphs
+both set aside, so its forward launches what the captured decode graph holds (the piecewise path would add its
+static-buffer copies and, for a small batch, pad it to 16 rows); each kernel's time and launch count are kept.
 """
 
 from __future__ import annotations
@@ -53,20 +54,21 @@ def profile_batch(llm: Any, batch: int) -> dict[str, Any]:
     core.async_scheduling = False
     sync_step_ms = _time(llm.step)
     core.async_scheduling = True
-    runner.graphs = None  # eager steps, for the kernel table (replays hide kernels from the profiler)
+    piecewise, runner.graphs, runner.piecewise = runner.piecewise, None, None  # eager: the graphs' own kernels
     eager_ms = _time(llm.step, reps=5)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         llm.step()
         torch.cuda.synchronize()
-    runner.graphs = graphs
+    runner.graphs, runner.piecewise = graphs, piecewise
     kernels: dict[str, float] = defaultdict(float)
-    launches = 0
+    counts: dict[str, int] = defaultdict(int)
     for evt in prof.key_averages():
         if evt.device_type.name == "CUDA" or getattr(evt, "self_device_time_total", 0):
             kernels[evt.key[:80]] += evt.self_device_time_total / 1000
-            launches += evt.count
+            counts[evt.key[:80]] += evt.count
     total = sum(kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
+    most = sorted(counts.items(), key=lambda kv: -kv[1])[:14]
     for request_id in list(core.requests):
         llm.abort(request_id)
     while core.has_unfinished:
@@ -79,8 +81,10 @@ def profile_batch(llm: Any, batch: int) -> dict[str, Any]:
         "eager_step_ms": round(eager_ms, 3),
         "step_over_replay_ms": round(step_ms - replay_ms, 3),
         "kernel_sum_ms": round(total, 3),
-        "kernels_per_step": launches,
+        "kernels_per_step": sum(counts.values()),
         "top_kernels_ms": {k: round(v, 3) for k, v in top},
+        "top_kernels_launches": {k: counts[k] for k, _ in top},
+        "most_launched": dict(most),
     }
 
 
