@@ -9,7 +9,8 @@
 #   structured   bench/structured.py on the 8B shape with a 128k-token tokenizer (bench/large_vocab.py)
 #   offline      bench.side_by_side offline; SHAPE, WORKLOADS, DECODE_BATCHES, PRECISION (e.g. "--quantization fp8"),
 #                ENGINE_ARGS (e.g. "--engine-arg max_num_seqs=1024") and NAME choose the run
-#   moe-kernels, moe-tune   bench/fused_moe.py and bench/tune_fused_moe.py on SHAPE (the tune writes the tile table)
+#   moe-kernels, moe-tune   bench/fused_moe.py and bench/tune_fused_moe.py on SHAPE (the tune writes the tile table;
+#                TUNE_TOKENS, e.g. 16,64,256,1024,4096, tunes fewer token counts: a batch takes the nearest one's tiles)
 #   moe-gemv-tune           bench/tune_moe_gemv.py on SHAPE: the few-token MoE kernels' tiles (GEMV_S seconds)
 #   Tables go to $KVPILOT_FUSED_MOE_CONFIGS when set (e.g. /tmp/moe-configs: later calls on this machine read
 #   them there), else kernels/fused_moe_configs/; either folder goes back in the archive.
@@ -58,7 +59,7 @@ for step in "$@"; do
     moe-gemv-tune) verified moe && timeout -k 5 "${GEMV_S:-150}" python3 bench/tune_moe_gemv.py \
                      --shape "${SHAPE:-qwen3-30b-a3b}" --budget-s "$(( ${GEMV_S:-150} - 30 ))" 2>&1 | tail -6 ;;
     moe-tune) verified moe && timeout -k 5 "${TUNE_TIMEOUT_S:-560}" python3 bench/tune_fused_moe.py \
-                --shape "${SHAPE:-qwen3-30b-a3b}" --budget-s "${TUNE_S:-500}" 2>&1 | tail -24 ;;
+                --shape "${SHAPE:-qwen3-30b-a3b}" --budget-s "${TUNE_S:-500}" ${TUNE_TOKENS:+--tokens "$TUNE_TOKENS"} 2>&1 | tail -24 ;;
     serve) verified core && timeout -k 5 330 python3 -m bench.side_by_side serve --engine kvpilot \
              --rates "${RATES:-8,16,32,48}" --cold-seconds "${COLD:-30}" --log-dir /tmp 2>&1 | tail -12 ;;
     *) echo "unknown step $step" ;;
