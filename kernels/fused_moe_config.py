@@ -25,6 +25,14 @@ CONFIG_DIR = Path(__file__).resolve().parent / "fused_moe_configs"
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
+def _powers_of_two(config: object, names: tuple[str, ...], least: int, why: str = "") -> None:
+    """A tile's sizes must be powers of two of at least `least` (Triton's aranges and dots ask for it)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < least or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two{why}, got {value}")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     BLOCK_SIZE_M: int
@@ -35,10 +43,7 @@ class MoEConfig:
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
+        _powers_of_two(self, ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"), 16, " >= 16 (tl.dot's minimum)")
         if self.GROUP_SIZE_M < 1 or self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"GROUP_SIZE_M, num_warps and num_stages must be positive: {self}")
 
@@ -55,10 +60,7 @@ class GemvConfig:
     num_warps: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("BLOCK_N", "BLOCK_K", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two, got {value}")
+        _powers_of_two(self, ("BLOCK_N", "BLOCK_K", "num_warps"), 1)
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
