@@ -114,8 +114,8 @@ def test_alignment_sorts_pairs_into_single_expert_blocks(tokens: int, top_k: int
     (None, 128, 64),                                   # 333 random tokens x top-8: the widest decode-free case
 ])
 def test_the_sort_kernel_equals_the_torch_sort(ids: list[list[int]] | None, experts: int, block_m: int) -> None:
-    """One program does what ~30 torch ops did: the same rows, bit for bit (pairs keep their order within an
-    expert, as the stable argsort keeps them)."""
+    """One launch (a program per expert) does what ~30 torch ops did: the same rows, bit for bit (pairs keep
+    their order within an expert, as the stable argsort keeps them), the unused tail included."""
     if ids is None:
         gen = torch.Generator().manual_seed(9)
         topk = torch.stack([torch.randperm(experts, generator=gen)[:8] for _ in range(333)])
