@@ -98,14 +98,14 @@ def bench_tokens(tokens: int, arch: Any, tp: int, ceilings: dict[str, float], vl
         weights, ids = route_fused(x @ gate.t(), top_k, arch.norm_topk_prob)
         return fused_experts(x, w13, w2, weights, ids)
 
-    weights, ids = route(x @ gate.t(), top_k, arch.norm_topk_prob)
+    logits = x @ gate.t()
+    weights, ids = route(logits, top_k, arch.norm_topk_prob)
     ref = fused_experts_ref(x, w13, w2, weights, ids)
     eager = call()
     rel = ((eager.float() - ref.float()).norm() / ref.float().norm()).item()
     graph, graph_out = _graph_replay(call)
     gemv = uses_gemv(tokens, top_k, experts)
     cfg = get_config(tokens, experts, inter, x.dtype, x.device)
-    logits = x @ gate.t()
     result: dict[str, Any] = {
         "tokens": tokens,
         "path": "gemv" if gemv else "sorted",

@@ -123,8 +123,9 @@ def main() -> int:
         write_result(f"tune-moe-gemv-{args.shape}-tp{args.tp}", sweep)
     sweep["best"] = {k: v.to_json() for k, v in best.items()}
     sweep["best_ms"] = time_tiles(inp, best).get("ms")
-    sweep["best_ms_1_token"] = time_tiles(_inputs(1, arch, args.tp), best).get("ms")
-    sweep["default_ms_1_token"] = time_tiles(_inputs(1, arch, args.tp), DEFAULT_GEMV).get("ms")
+    one_token = _inputs(1, arch, args.tp)
+    sweep["best_ms_1_token"] = time_tiles(one_token, best).get("ms")
+    sweep["default_ms_1_token"] = time_tiles(one_token, DEFAULT_GEMV).get("ms")
     complete = all(len(sweep[f"{k}_rows"]) == len(SPACE) for k in ("gate_up", "down"))
     sweep["complete"] = complete
     print(f"T{most}: default {sweep['default_ms']} ms, best {sweep['best_ms']} ms; T1: default "
